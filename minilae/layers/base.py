@@ -1,0 +1,197 @@
+"""The layer contract: a function y = f(x; theta) with its two Jacobians.
+
+Every layer maps a batch x of shape (B, *in_shape) to y of shape (B, *out_shape) and offers
+  * `forward(x)`                     y = f(x; theta); remembers what backprop needs;
+  * `jac_input(x)`, `jac_params(x)`  dense per-sample Jacobians J_in = dy/dx, shape (B, d_out, d_in),
+                                     and J_p = dy/dtheta, shape (B, d_out, P) - small sizes only;
+  * `vjp_input(v)`, `vjp_params(v)`  the structured products J_in^T v and J_p^T v at the input of the
+                                     last `forward`, which backprop and the Hessian engine use.
+A product accepts v of shape (B, *out_shape) or (B, K, *out_shape): K vectors per sample, so the
+Hessian engine can push the K columns of a per-sample matrix M through in one call.
+
+Parameters are read and written as one flat vector: the layer's arrays in `param_names` order,
+each raveled in C order (Linear: weight (out, in) row by row, then bias).
+"""
+from __future__ import annotations
+
+import math
+
+from ..backend import array_module, get_default_dtype, xp
+
+
+class Layer:
+    """Base class: y = f(x; theta), with dense and structured Jacobians."""
+
+    param_names: tuple[str, ...] = ()
+
+    def __init__(self):
+        self.training = False
+        self._x = None
+
+    # ---- parameters -------------------------------------------------------------------------
+    @property
+    def params(self):
+        """The parameter arrays, in flat-vector order."""
+        return [getattr(self, name) for name in self.param_names]
+
+    @property
+    def num_params(self) -> int:
+        """P, the length of this layer's slice of the flat parameter vector."""
+        return sum(int(p.size) for p in self.params)
+
+    def get_params(self):
+        """theta as one flat vector (a copy)."""
+        if not self.param_names:
+            return xp().zeros(0, dtype=get_default_dtype())
+        return xp().concatenate([p.ravel() for p in self.params])
+
+    def set_params(self, theta):
+        """Write the flat vector theta into the parameter arrays (copies)."""
+        if theta.ndim != 1 or theta.shape[0] != self.num_params:
+            raise ValueError(f"{self!r}: expected a flat vector of {self.num_params} parameters, "
+                             f"got shape {tuple(theta.shape)}")
+        start = 0
+        for name in self.param_names:
+            p = getattr(self, name)
+            setattr(self, name, theta[start:start + p.size].reshape(p.shape).astype(p.dtype, copy=True))
+            start += p.size
+
+    def split_params(self, flat):
+        """Split a flat per-layer vector (..., P) into arrays shaped like the parameters."""
+        out, start = [], 0
+        for p in self.params:
+            out.append(flat[..., start:start + p.size].reshape(flat.shape[:-1] + p.shape))
+            start += p.size
+        return out
+
+    # ---- shapes -----------------------------------------------------------------------------
+    def out_shape(self, in_shape: tuple) -> tuple:
+        """Per-sample output shape for a per-sample input shape (raises on a bad shape)."""
+        return tuple(in_shape)
+
+    def train(self, mode: bool = True):
+        """Switch training behaviour (only Dropout differs)."""
+        self.training = mode
+        return self
+
+    def eval(self):
+        """Switch to evaluation behaviour."""
+        return self.train(False)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x, check_finite: bool = True):
+        """y = f(x; theta) for a batch; caches what the vector-Jacobian products need."""
+        check_batch(self, x, check_finite)
+        self.out_shape(tuple(x.shape[1:]))
+        self._x = x
+        return self._forward(x)
+
+    __call__ = forward
+
+    def _forward(self, x):
+        raise NotImplementedError
+
+    def _cached_input(self):
+        if self._x is None:
+            raise RuntimeError(f"{self!r}: call forward(x) before a vector-Jacobian product")
+        return self._x
+
+    # ---- structured products (backprop) ------------------------------------------------------
+    def vjp_input(self, v):
+        """J_in^T v at the last forward input: (B, [K,] *out) -> (B, [K,] *in)."""
+        x = self._cached_input()
+        vk, squeeze = as_bk(v, x.shape[0], self._out_shape_cached())
+        g = self._vjp_input(vk)
+        return g[:, 0] if squeeze else g
+
+    def vjp_params(self, v, per_sample: bool = False):
+        """J_p^T v: summed over the batch -> (P,), or per sample -> (B, [K,] P)."""
+        x = self._cached_input()
+        vk, squeeze = as_bk(v, x.shape[0], self._out_shape_cached())
+        if not per_sample:
+            if not squeeze:
+                raise ValueError("a batch-summed parameter product takes v of shape (B, *out); "
+                                 "pass per_sample=True for (B, K, *out)")
+            return self._vjp_params_sum(vk[:, 0])
+        g = self._vjp_params(vk)
+        return g[:, 0] if squeeze else g
+
+    def _out_shape_cached(self):
+        return self.out_shape(tuple(self._x.shape[1:]))
+
+    def _vjp_input(self, v):
+        raise NotImplementedError
+
+    def _vjp_params(self, v):
+        """Per-sample J_p^T v for v of shape (B, K, *out) -> (B, K, P)."""
+        B, K = v.shape[:2]
+        return xp().zeros((B, K, 0), dtype=v.dtype)
+
+    def _vjp_params_sum(self, v):
+        """sum_b J_p(x_b)^T v_b for v of shape (B, *out) -> (P,)."""
+        return self._vjp_params(v[:, None]).sum(axis=(0, 1))
+
+    # ---- dense Jacobians (small sizes: tests and tutorials) ----------------------------------
+    def jac_input(self, x):
+        """Dense J_in = dy/dx per sample, shape (B, d_out, d_in)."""
+        raise NotImplementedError
+
+    def jac_params(self, x):
+        """Dense J_p = dy/dtheta per sample, shape (B, d_out, P)."""
+        self.forward(x)
+        B, d_out = x.shape[0], prod(self.out_shape(tuple(x.shape[1:])))
+        return array_module(x).zeros((B, d_out, 0), dtype=x.dtype)
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+def prod(shape) -> int:
+    """Number of elements of a per-sample shape."""
+    return int(math.prod(shape))
+
+
+def as_bk(v, batch: int, out_shape: tuple):
+    """View v as (B, K, *out_shape); also say whether the K axis was absent (K = 1)."""
+    out_shape = tuple(out_shape)
+    if tuple(v.shape[1:]) == out_shape and v.shape[0] == batch:
+        return v[:, None], True
+    if v.shape[0] == batch and tuple(v.shape[2:]) == out_shape:
+        return v, False
+    raise ValueError(f"vector has shape {tuple(v.shape)}; expected (B={batch}, *{out_shape}) "
+                     f"or (B={batch}, K, *{out_shape})")
+
+
+def check_batch(layer, x, check_finite: bool = True):
+    """Reject non-arrays, missing batch axis and non-finite values with a clear message."""
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise TypeError(f"{layer!r}: input must be an array, got {type(x).__name__}")
+    if x.ndim < 2:
+        raise ValueError(f"{layer!r}: input needs a batch axis, shape (B, ...); got {tuple(x.shape)}")
+    if x.dtype.kind != "f":
+        raise TypeError(f"{layer!r}: input must be floating point, got {x.dtype}")
+    if check_finite and not bool(array_module(x).isfinite(x).all()):
+        raise ValueError(f"{layer!r}: input contains NaN or inf; it would poison every gradient")
+
+
+def identity_jacobian(x, d: int):
+    """I_d broadcast to (B, d, d): the Jacobian of a reshape."""
+    m = array_module(x)
+    return m.broadcast_to(m.eye(d, dtype=x.dtype), (x.shape[0], d, d)).copy()
+
+
+def diag_jacobian(diag):
+    """diag(d_b) for a batch of vectors (B, d) -> (B, d, d)."""
+    m = array_module(diag)
+    B, d = diag.shape
+    J = m.zeros((B, d, d), dtype=diag.dtype)
+    idx = m.arange(d)
+    J[:, idx, idx] = diag
+    return J
+
+
+def init_uniform(shape, fan_in: int, rng):
+    """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch initialises Linear and Conv2d."""
+    bound = 1.0 / math.sqrt(fan_in)
+    dtype = get_default_dtype()
+    return xp().asarray(rng.uniform(-bound, bound, size=shape), dtype=dtype)

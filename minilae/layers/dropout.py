@@ -1,0 +1,45 @@
+"""Dropout: y = m * x / (1 - p) with a random 0/1 mask m in training, identity in evaluation."""
+from __future__ import annotations
+
+from ..backend import xp
+from .base import Layer, diag_jacobian, identity_jacobian, prod
+
+
+class Dropout(Layer):
+    """y = m * x / (1 - p), m_i ~ Bernoulli(1 - p) when training; y = x otherwise.
+
+    The Jacobians are those of the function actually applied: diag(m / (1 - p)) at the mask
+    drawn by the last training-mode forward (the identity in evaluation mode).
+    """
+
+    def __init__(self, p: float = 0.5, seed=None):
+        super().__init__()
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"Dropout probability must be in [0, 1), got {p}")
+        self.p = float(p)
+        self.rng = xp().random.default_rng(seed)
+        self.scale = None
+
+    def _forward(self, x):
+        if not self.training or self.p == 0.0:
+            self.scale = None
+            return x
+        keep = self.rng.random(x.shape) >= self.p
+        self.scale = keep.astype(x.dtype) / (1.0 - self.p)
+        return x * self.scale
+
+    def _vjp_input(self, v):
+        """J_in^T v = (m / (1 - p)) * v."""
+        return v if self.scale is None else v * self.scale[:, None]
+
+    def jac_input(self, x):
+        """diag(m / (1 - p)) at the last mask, or I in evaluation mode."""
+        if self.scale is None or self.scale.shape != x.shape:
+            self.forward(x)
+        self._x = x
+        if self.scale is None:
+            return identity_jacobian(x, prod(x.shape[1:]))
+        return diag_jacobian(self.scale.reshape(x.shape[0], -1))
+
+    def __repr__(self):
+        return f"Dropout(p={self.p})"

@@ -1,0 +1,125 @@
+"""Resampling layers: max-pooling (routes through the arg-max) and nearest up-sampling."""
+from __future__ import annotations
+
+from ..backend import array_module
+from .base import Layer, prod
+
+
+def _check_image(layer, in_shape):
+    if len(in_shape) != 3:
+        raise ValueError(f"{layer!r} expects NCHW inputs (B, C, H, W); got per-sample shape {tuple(in_shape)}")
+
+
+def _selection_jacobian(x, in_index):
+    """J[b, i, in_index[b, i]] = 1: the Jacobian of a layer that copies selected inputs."""
+    m = array_module(x)
+    B = x.shape[0]
+    d_out, d_in = in_index.shape[1], prod(x.shape[1:])
+    J = m.zeros((B, d_out, d_in), dtype=x.dtype)
+    J[m.arange(B)[:, None], m.arange(d_out)[None, :], in_index] = 1.0
+    return J
+
+
+class MaxPool2d(Layer):
+    """y[c, i, j] = max over the k x k window (non-overlapping: stride = kernel_size)."""
+
+    def __init__(self, kernel_size: int = 2, stride=None):
+        super().__init__()
+        stride = kernel_size if stride is None else stride
+        if int(kernel_size) < 1 or stride != kernel_size:
+            raise ValueError(f"MaxPool2d supports non-overlapping windows (stride == kernel_size >= 1); "
+                             f"got kernel_size={kernel_size}, stride={stride}")
+        self.k = int(kernel_size)
+
+    def out_shape(self, in_shape):
+        _check_image(self, in_shape)
+        C, H, W = in_shape
+        if H < self.k or W < self.k:
+            raise ValueError(f"{self!r}: input {H}x{W} is smaller than the window {self.k}x{self.k}")
+        return (C, H // self.k, W // self.k)
+
+    def _windows(self, x):
+        """(B, C, Ho, Wo, k*k) view of the windows (trailing rows/columns dropped, as PyTorch)."""
+        B, C, H, W = x.shape
+        k, Ho, Wo = self.k, H // self.k, W // self.k
+        win = x[:, :, :Ho * k, :Wo * k].reshape(B, C, Ho, k, Wo, k)
+        return win.transpose(0, 1, 2, 4, 3, 5).reshape(B, C, Ho, Wo, k * k)
+
+    def _forward(self, x):
+        win = self._windows(x)
+        self._argmax = win.argmax(axis=-1)
+        return win.max(axis=-1)
+
+    def _vjp_input(self, v):
+        """J_in^T v: each v lands on the arg-max of its window, zeros elsewhere."""
+        m = array_module(v)
+        B, K, C, Ho, Wo = v.shape
+        k = self.k
+        hit = m.arange(k * k) == self._argmax[:, None, ..., None]  # (B, 1, C, Ho, Wo, k*k)
+        g = (v[..., None] * hit).reshape(B, K, C, Ho, Wo, k, k).transpose(0, 1, 2, 3, 5, 4, 6)
+        g = g.reshape(B, K, C, Ho * k, Wo * k)
+        H, W = self._x.shape[2:]
+        if (H, W) != (Ho * k, Wo * k):  # rows/columns the pooling dropped get zero gradient
+            g = m.pad(g, ((0, 0),) * 3 + ((0, H - Ho * k), (0, W - Wo * k)))
+        return g
+
+    def input_index(self, x):
+        """Flat input index of each output's arg-max: (B, d_out)."""
+        m = array_module(x)
+        self.forward(x)
+        B, C, H, W = x.shape
+        _, Ho, Wo = self.out_shape(tuple(x.shape[1:]))
+        c, i, j = m.ix_(m.arange(C), m.arange(Ho), m.arange(Wo))
+        r = i * self.k + self._argmax // self.k
+        q = j * self.k + self._argmax % self.k
+        return ((c * H + r) * W + q).reshape(B, -1)
+
+    def jac_input(self, x):
+        """One 1 per row, at the window's arg-max: (B, d_out, d_in)."""
+        return _selection_jacobian(x, self.input_index(x))
+
+    def __repr__(self):
+        return f"MaxPool2d({self.k})"
+
+
+class Upsample(Layer):
+    """Nearest-neighbour up-sampling: y[c, i, j] = x[c, i // s, j // s]."""
+
+    def __init__(self, scale_factor: int = 2):
+        super().__init__()
+        if int(scale_factor) != scale_factor or scale_factor < 1:
+            raise ValueError(f"Upsample needs an integer scale_factor >= 1, got {scale_factor}")
+        self.s = int(scale_factor)
+
+    def out_shape(self, in_shape):
+        _check_image(self, in_shape)
+        C, H, W = in_shape
+        return (C, H * self.s, W * self.s)
+
+    def _forward(self, x):
+        m = array_module(x)
+        B, C, H, W = x.shape
+        s = self.s
+        return m.broadcast_to(x[:, :, :, None, :, None], (B, C, H, s, W, s)).reshape(B, C, H * s, W * s)
+
+    def _vjp_input(self, v):
+        """J_in^T v: sum of v over each s x s block."""
+        B, K, C, Hs, Ws = v.shape
+        s = self.s
+        return v.reshape(B, K, C, Hs // s, s, Ws // s, s).sum(axis=(4, 6))
+
+    def input_index(self, x):
+        """Flat input index that each output copies: (B, d_out)."""
+        m = array_module(x)
+        B, C, H, W = x.shape
+        c, i, j = m.ix_(m.arange(C), m.arange(H * self.s), m.arange(W * self.s))
+        idx = (c * H + i // self.s) * W + j // self.s
+        return m.broadcast_to(idx.reshape(1, -1), (B, idx.size))
+
+    def jac_input(self, x):
+        """One 1 per row, at the copied input: (B, d_out, d_in)."""
+        self.forward(x)
+        return _selection_jacobian(x, self.input_index(x))
+
+    def __repr__(self):
+        return f"Upsample(scale_factor={self.s})"

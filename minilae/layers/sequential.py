@@ -1,0 +1,158 @@
+"""Sequential: a chain of layers, composed by the chain rule (appendix E.1-E.3).
+
+For f = f_L o ... o f_1 with x_0 = x and x_l = f_l(x_{l-1}):
+  J_in(f)       = J_in^L ... J_in^1,
+  J_{theta_l}(f) = J_in^L ... J_in^{l+1} J_p^l,
+and backprop evaluates the transposed products right to left, one layer at a time.
+The flat parameter vector is the layers' flat vectors concatenated in layer order.
+"""
+from __future__ import annotations
+
+from ..backend import array_module, xp
+from .base import Layer, check_batch, identity_jacobian, prod
+
+
+class Sequential(Layer):
+    """f(x) = f_L(... f_1(x)); parameters ordered layer by layer."""
+
+    def __init__(self, *layers):
+        super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        for layer in layers:
+            if not isinstance(layer, Layer):
+                raise TypeError(f"Sequential takes Layer objects, got {type(layer).__name__}")
+        self.layers = list(layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return Sequential(*self.layers[i])
+        return self.layers[i]
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __repr__(self):
+        inner = ",\n  ".join(repr(layer) for layer in self.layers)
+        return f"{type(self).__name__}(\n  {inner}\n)"
+
+    def train(self, mode: bool = True):
+        self.training = mode
+        for layer in self.layers:
+            layer.train(mode)
+        return self
+
+    # ---- parameters -------------------------------------------------------------------------
+    @property
+    def params(self):
+        return [p for layer in self.layers for p in layer.params]
+
+    @property
+    def num_params(self) -> int:
+        return sum(layer.num_params for layer in self.layers)
+
+    def param_slices(self):
+        """slice of the flat vector owned by each layer (empty slices for parameter-free layers)."""
+        out, start = [], 0
+        for layer in self.layers:
+            out.append(slice(start, start + layer.num_params))
+            start += layer.num_params
+        return out
+
+    def get_params(self):
+        """theta = concat(theta_1, ..., theta_L) (a copy)."""
+        parts = [layer.get_params() for layer in self.layers if layer.num_params]
+        return xp().concatenate(parts) if parts else xp().zeros(0)
+
+    def set_params(self, theta):
+        """Write theta into every layer."""
+        if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
+            raise ValueError(f"expected a flat vector of {self.num_params} parameters, "
+                             f"got shape {tuple(getattr(theta, 'shape', ()))}")
+        for layer, sl in zip(self.layers, self.param_slices()):
+            if layer.num_params:
+                layer.set_params(theta[sl])
+
+    # ---- shapes and forward -----------------------------------------------------------------
+    def out_shape(self, in_shape):
+        shape = tuple(in_shape)
+        for layer in self.layers:
+            shape = layer.out_shape(shape)
+        return shape
+
+    def shapes(self, in_shape):
+        """Per-sample shapes x_0, x_1, ..., x_L along the chain."""
+        out = [tuple(in_shape)]
+        for layer in self.layers:
+            out.append(layer.out_shape(out[-1]))
+        return out
+
+    def forward(self, x, check_finite: bool = True):
+        """x_L = f_L(... f_1(x_0)); each layer caches its input."""
+        check_batch(self, x, check_finite)
+        self.out_shape(tuple(x.shape[1:]))
+        self._x = x
+        for layer in self.layers:
+            x = layer.forward(x, check_finite=False)
+        return x
+
+    __call__ = forward
+
+    def _out_shape_cached(self):
+        return self.out_shape(tuple(self._x.shape[1:]))
+
+    # ---- backprop ---------------------------------------------------------------------------
+    def _vjp_input(self, v):
+        """J_in^T v = J_in^1^T (... J_in^L^T v)."""
+        for layer in reversed(self.layers):
+            v = layer.vjp_input(v)
+        return v
+
+    def _backprop_params(self, v, per_sample):
+        """Walk the chain backwards collecting J_p^l^T v_l, with v_{l-1} = J_in^l^T v_l."""
+        m = array_module(v)
+        grads = []
+        for i, layer in enumerate(reversed(self.layers)):
+            if layer.num_params:
+                grads.append(layer.vjp_params(v, per_sample=per_sample))
+            if i < len(self.layers) - 1:  # the input gradient of the first layer is never needed
+                v = layer.vjp_input(v)
+        if not grads:  # a chain without parameters
+            return m.zeros(v.shape[:2] + (0,) if per_sample else (0,), dtype=v.dtype)
+        return m.concatenate(grads[::-1], axis=-1)
+
+    def _vjp_params(self, v):
+        return self._backprop_params(v, per_sample=True)
+
+    def _vjp_params_sum(self, v):
+        return self._backprop_params(v, per_sample=False)
+
+    # ---- dense Jacobians by the chain rule -----------------------------------------------------
+    def jac_input(self, x):
+        """J_in = J_in^L ... J_in^1: (B, d_out, d_in)."""
+        J = identity_jacobian(x, prod(x.shape[1:]))
+        h = x
+        for layer in self.layers:
+            J = layer.jac_input(h) @ J
+            h = layer.forward(h)
+        self._x = x
+        return J
+
+    def jac_params(self, x):
+        """[J_in^L...J_in^2 J_p^1, ..., J_p^L]: (B, d_out, P)."""
+        m = array_module(x)
+        J_in, J_p, h = [], [], x
+        for layer in self.layers:
+            J_in.append(layer.jac_input(h))
+            J_p.append(layer.jac_params(h))
+            h = layer.forward(h)
+        A = identity_jacobian(h, prod(h.shape[1:]))
+        blocks = []
+        for Ji, Jp in zip(reversed(J_in), reversed(J_p)):
+            blocks.append(A @ Jp)
+            A = A @ Ji
+        self._x = x
+        return m.concatenate(blocks[::-1], axis=2)

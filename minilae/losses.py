@@ -1,0 +1,386 @@
+"""Likelihoods p(y | f): the decoder's (or classifier's) output f parameterises a distribution over y.
+
+Each likelihood gives, per sample b of a batch, everything the Laplace machinery needs:
+
+* ``nll(f, y)``       l_b = -log p(y_b | f_b), summed over output dims, normalising constants included
+* ``grad(f, y)``      d l_b / d f_b
+* ``hess(f, y)``      H_b = d^2 l_b / d f_b^2, dense (d, d) with d = prod(out), f_b flattened in C order
+* ``hess_diag(f, y)`` diag(H_b), shaped like f
+* ``hess_sqrt(f, y)`` a factor S_b with H_b = S_b S_b^T (turns the GGN J^T H J into (J^T S)(J^T S)^T)
+* ``sample(f, rng)``  y ~ p(y | f), for Monte Carlo Fisher estimates
+* ``mean(f)``         E[y | f], the reconstruction shown to a user
+
+Why the Hessians never depend on y: for all three likelihoods f is the natural parameter of an
+exponential family, -log p(y | f) = A(f) - y . f - log h(y), so y enters only linearly and the
+second derivative leaves H = d^2 A / d f^2 = Cov[y | f]. (For the Gaussian with fixed sigma the
+natural parameter is f / sigma^2, a constant rescaling, and H = I / sigma^2.)
+The ``y`` argument of the Hessian methods is therefore optional and only validated when given.
+
+Outputs follow the array backend of ``f`` (NumPy or CuPy), found with :func:`array_module`.
+"""
+from __future__ import annotations
+
+import math
+
+from .backend import array_module
+
+__all__ = ["Likelihood", "Gaussian", "Bernoulli", "Categorical", "get_likelihood", "LIKELIHOODS"]
+
+
+# ----------------------------------------------------------------------------------------------
+# numerically stable elementwise helpers (all exact identities; the forms avoid exp overflow)
+
+def _softplus(f):
+    """softplus(f) = log(1 + e^f) = max(f, 0) + log1p(e^{-|f|})."""
+    xp = array_module(f)
+    return xp.maximum(f, 0) + xp.log1p(xp.exp(-xp.abs(f)))
+
+
+def _sigmoid(f):
+    """sigma(f) = 1 / (1 + e^{-f}), written with s = e^{-|f|} <= 1 so nothing overflows."""
+    xp = array_module(f)
+    s = xp.exp(-xp.abs(f))
+    return xp.where(f >= 0, 1 / (1 + s), s / (1 + s))
+
+
+def _sigmoid_var(f):
+    """p (1 - p) with p = sigma(f), as s / (1 + s)^2, s = e^{-|f|} (no cancellation in 1 - p)."""
+    xp = array_module(f)
+    s = xp.exp(-xp.abs(f))
+    return s / (1 + s) ** 2
+
+
+def _logsumexp(f):
+    """log sum_c e^{f_c} over the last axis, shifted by the max: m + log sum e^{f - m}."""
+    xp = array_module(f)
+    m = f.max(axis=-1, keepdims=True)
+    return (m + xp.log(xp.exp(f - m).sum(axis=-1, keepdims=True)))[..., 0]
+
+
+def _softmax(f):
+    """pi_c = e^{f_c} / sum_k e^{f_k} over the last axis (max-shifted)."""
+    xp = array_module(f)
+    e = xp.exp(f - f.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def _diag_embed(v):
+    """(B, d) -> (B, d, d) with v on each diagonal."""
+    xp = array_module(v)
+    batch, d = v.shape
+    out = xp.zeros((batch, d, d), dtype=v.dtype)
+    idx = xp.arange(d)
+    out[:, idx, idx] = v
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# input validation shared by all likelihoods
+
+def _check_f(f, min_ndim=1):
+    """Validate the network output f: a finite floating array of shape (B, *out)."""
+    xp = array_module(f)
+    if not hasattr(f, "dtype") or not hasattr(f, "shape"):
+        raise TypeError(f"f must be a NumPy/CuPy array of shape (B, *out), got {type(f).__name__}")
+    if f.dtype.kind != "f":
+        raise TypeError(f"f must be a floating array (network outputs), got dtype {f.dtype}")
+    if f.ndim < min_ndim:
+        raise ValueError(f"f must have shape (B, *out) with at least {min_ndim} dim(s), got shape {f.shape}")
+    if not bool(xp.isfinite(f).all()):
+        raise ValueError(f"f contains {int((~xp.isfinite(f)).sum())} non-finite value(s) (nan/inf)")
+    return xp
+
+
+def _check_same_backend(f, y):
+    if array_module(f) is not array_module(y):
+        raise TypeError("f and y live on different backends (NumPy vs CuPy); move one explicitly with "
+                        "minilae.backend.asarray / to_numpy")
+
+
+def _check_y_like_f(f, y):
+    """Validate a target y with exactly f's shape; return it as f's dtype."""
+    _check_same_backend(f, y)
+    xp = array_module(f)
+    y = xp.asarray(y)
+    if y.shape != f.shape:
+        raise ValueError(f"y must have the same shape as f {f.shape}, got {y.shape}")
+    if y.dtype.kind not in "biuf":
+        raise TypeError(f"y must be a real-valued array, got dtype {y.dtype}")
+    y = y.astype(f.dtype, copy=False)
+    if not bool(xp.isfinite(y).all()):
+        raise ValueError(f"y contains {int((~xp.isfinite(y)).sum())} non-finite value(s) (nan/inf)")
+    return y
+
+
+def _flat(a):
+    """(B, *out) -> (B, d)."""
+    return a.reshape(a.shape[0], -1)
+
+
+class Likelihood:
+    """Common interface; the subclasses below implement the per-sample maths."""
+
+    name = "likelihood"
+
+    def nll(self, f, y):
+        """l_b = -log p(y_b | f_b), shape (B,)."""
+        raise NotImplementedError
+
+    def grad(self, f, y):
+        """d l_b / d f_b, shape of f."""
+        raise NotImplementedError
+
+    def hess(self, f, y=None):
+        """H_b = d^2 l_b / d f_b^2, shape (B, d, d)."""
+        raise NotImplementedError
+
+    def hess_diag(self, f, y=None):
+        """diag(H_b), shape of f."""
+        raise NotImplementedError
+
+    def hess_sqrt(self, f, y=None):
+        """S_b with H_b = S_b S_b^T, shape (B, d, k)."""
+        raise NotImplementedError
+
+    def sample(self, f, rng):
+        """y ~ p(y | f) drawn with a backend Generator rng."""
+        raise NotImplementedError
+
+    def mean(self, f):
+        """E[y | f]."""
+        raise NotImplementedError
+
+    def __repr__(self):
+        return f"{type(self).__name__}()"
+
+
+# ----------------------------------------------------------------------------------------------
+
+class Gaussian(Likelihood):
+    """y ~ N(f, sigma^2 I) with fixed sigma: the mean-squared-error likelihood."""
+
+    name = "gaussian"
+
+    def __init__(self, sigma=1.0):
+        try:
+            sigma = float(sigma)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"sigma must be a positive number, got {sigma!r}") from err
+        if not (math.isfinite(sigma) and sigma > 0):
+            raise ValueError(f"sigma must be a finite number > 0, got {sigma}")
+        self.sigma = sigma
+
+    def __repr__(self):
+        return f"Gaussian(sigma={self.sigma})"
+
+    def _check(self, f, y):
+        _check_f(f)
+        return _check_y_like_f(f, y)
+
+    def nll(self, f, y):
+        """l = ||y - f||^2 / (2 sigma^2) + (d / 2) log(2 pi sigma^2), per sample."""
+        y = self._check(f, y)
+        d = _flat(f).shape[1]
+        sq = (_flat(y - f) ** 2).sum(axis=1)
+        return 0.5 * sq / self.sigma**2 + 0.5 * d * math.log(2 * math.pi * self.sigma**2)
+
+    def grad(self, f, y):
+        """dl/df = (f - y) / sigma^2."""
+        y = self._check(f, y)
+        return (f - y) / self.sigma**2
+
+    def hess(self, f, y=None):
+        """H = I / sigma^2."""
+        xp = self._check_hess(f, y)
+        batch, d = _flat(f).shape
+        eye = xp.eye(d, dtype=f.dtype) / self.sigma**2
+        return xp.broadcast_to(eye, (batch, d, d)).copy()
+
+    def hess_diag(self, f, y=None):
+        """diag(H) = 1 / sigma^2 everywhere."""
+        xp = self._check_hess(f, y)
+        return xp.full(f.shape, 1 / self.sigma**2, dtype=f.dtype)
+
+    def hess_sqrt(self, f, y=None):
+        """S = I / sigma, so S S^T = I / sigma^2."""
+        xp = self._check_hess(f, y)
+        batch, d = _flat(f).shape
+        eye = xp.eye(d, dtype=f.dtype) / self.sigma
+        return xp.broadcast_to(eye, (batch, d, d)).copy()
+
+    def sample(self, f, rng):
+        """y = f + sigma * eps, eps ~ N(0, I)."""
+        _check_f(f)
+        eps = rng.standard_normal(f.shape)
+        return (f + self.sigma * eps).astype(f.dtype, copy=False)
+
+    def mean(self, f):
+        """E[y | f] = f."""
+        _check_f(f)
+        return f.copy()
+
+    def _check_hess(self, f, y):
+        if y is not None:
+            self._check(f, y)
+        return _check_f(f)
+
+
+class Bernoulli(Likelihood):
+    """y_i ~ Bernoulli(sigma(f_i)) independently per output element; f are logits.
+
+    For fractional y in [0, 1] (grey-level pixels) ``nll`` is the usual binary cross-entropy, which
+    is a true -log p(y | f) only for y in {0, 1}.
+    """
+
+    name = "bernoulli"
+
+    def _check(self, f, y):
+        xp = _check_f(f)
+        y = _check_y_like_f(f, y)
+        bad = (y < 0) | (y > 1)
+        if bool(bad.any()):
+            raise ValueError(f"Bernoulli targets y must lie in [0, 1]; {int(bad.sum())} value(s) outside "
+                             f"(min {float(y.min())}, max {float(y.max())})")
+        return y
+
+    def nll(self, f, y):
+        """l = sum_i softplus(f_i) - y_i f_i  (= -y log p - (1 - y) log(1 - p), p = sigma(f))."""
+        y = self._check(f, y)
+        return _flat(_softplus(f) - y * f).sum(axis=1)
+
+    def grad(self, f, y):
+        """dl/df = sigma(f) - y."""
+        y = self._check(f, y)
+        return _sigmoid(f) - y
+
+    def hess(self, f, y=None):
+        """H = diag(p (1 - p)), p = sigma(f): independent of y."""
+        return _diag_embed(_flat(self.hess_diag(f, y)))
+
+    def hess_diag(self, f, y=None):
+        """diag(H)_i = p_i (1 - p_i)."""
+        if y is not None:
+            self._check(f, y)
+        _check_f(f)
+        return _sigmoid_var(f)
+
+    def hess_sqrt(self, f, y=None):
+        """S = diag(sqrt(p (1 - p)))."""
+        xp = array_module(f)
+        return _diag_embed(_flat(xp.sqrt(self.hess_diag(f, y))))
+
+    def sample(self, f, rng):
+        """y_i = [u_i < sigma(f_i)], u_i ~ U[0, 1)."""
+        _check_f(f)
+        u = rng.random(f.shape)
+        return (u < _sigmoid(f)).astype(f.dtype)
+
+    def mean(self, f):
+        """E[y | f] = sigma(f)."""
+        _check_f(f)
+        return _sigmoid(f)
+
+
+class Categorical(Likelihood):
+    """y ~ Categorical(softmax(f)); f are logits (B, C), y int labels (B,) or probabilities (B, C)."""
+
+    name = "categorical"
+
+    def _check(self, f, y):
+        """Return y as probabilities (B, C) in f's dtype (int labels become one-hot)."""
+        xp = _check_f(f, min_ndim=2)
+        if f.ndim != 2:
+            raise ValueError(f"Categorical logits f must have shape (B, C), got {f.shape}")
+        _check_same_backend(f, y)
+        y = xp.asarray(y)
+        batch, n_classes = f.shape
+        if y.shape == (batch,):
+            return self._one_hot(y, n_classes, f.dtype)
+        if y.shape != (batch, n_classes):
+            raise ValueError(f"Categorical y must be int labels of shape ({batch},) or probabilities of "
+                             f"shape {f.shape}, got {y.shape}")
+        y = _check_y_like_f(f, y)
+        tol = math.sqrt(float(xp.finfo(f.dtype).eps))
+        if bool((y < 0).any()) or bool((xp.abs(y.sum(axis=1) - 1) > tol).any()):
+            raise ValueError("Categorical probability targets y must be >= 0 with rows summing to 1 "
+                             f"(tolerance {tol:.1e})")
+        return y
+
+    @staticmethod
+    def _one_hot(labels, n_classes, dtype):
+        xp = array_module(labels)
+        if labels.dtype.kind == "f":
+            if not bool(xp.isfinite(labels).all()) or bool((labels != xp.round(labels)).any()):
+                raise ValueError("Categorical labels must be integers (got non-integral or non-finite floats)")
+        elif labels.dtype.kind not in "iu":
+            raise TypeError(f"Categorical labels must be integers, got dtype {labels.dtype}")
+        if bool(((labels < 0) | (labels >= n_classes)).any()):
+            raise ValueError(f"Categorical labels must lie in [0, {n_classes - 1}], got range "
+                             f"[{labels.min()}, {labels.max()}]")
+        return (labels.astype(xp.int64)[:, None] == xp.arange(n_classes)[None, :]).astype(dtype)
+
+    def nll(self, f, y):
+        """l = logsumexp(f) - sum_c y_c f_c  (= -sum_c y_c log softmax(f)_c, rows of y sum to 1)."""
+        y = self._check(f, y)
+        return _logsumexp(f) - (y * f).sum(axis=1)
+
+    def grad(self, f, y):
+        """dl/df = pi - y, pi = softmax(f)."""
+        y = self._check(f, y)
+        return _softmax(f) - y
+
+    def hess(self, f, y=None):
+        """H = diag(pi) - pi pi^T: independent of y."""
+        pi = self._pi(f, y)
+        return _diag_embed(pi) - pi[:, :, None] * pi[:, None, :]
+
+    def hess_diag(self, f, y=None):
+        """diag(H)_c = pi_c (1 - pi_c)."""
+        pi = self._pi(f, y)
+        return pi * (1 - pi)
+
+    def hess_sqrt(self, f, y=None):
+        """S = diag(sqrt(pi)) - pi sqrt(pi)^T; S S^T = diag(pi) - pi pi^T because sum_c pi_c = 1."""
+        xp = array_module(f)
+        pi = self._pi(f, y)
+        root = xp.sqrt(pi)
+        return _diag_embed(root) - pi[:, :, None] * root[:, None, :]
+
+    def sample(self, f, rng):
+        """Integer labels (B,) by inverse CDF: k = #{c : cumsum(pi)_c < u}, u ~ U[0, 1)."""
+        xp = _check_f(f, min_ndim=2)
+        if f.ndim != 2:
+            raise ValueError(f"Categorical logits f must have shape (B, C), got {f.shape}")
+        cdf = xp.cumsum(_softmax(f), axis=1)
+        u = rng.random((f.shape[0], 1))
+        k = (cdf < u).sum(axis=1)
+        # the last cdf entry can round to just below 1
+        return xp.minimum(k, f.shape[1] - 1).astype(xp.int64)
+
+    def mean(self, f):
+        """E[one_hot(y) | f] = softmax(f)."""
+        _check_f(f, min_ndim=2)
+        return _softmax(f)
+
+    def _pi(self, f, y):
+        if y is not None:
+            self._check(f, y)
+        _check_f(f, min_ndim=2)
+        if f.ndim != 2:
+            raise ValueError(f"Categorical logits f must have shape (B, C), got {f.shape}")
+        return _softmax(f)
+
+
+LIKELIHOODS = {"gaussian": Gaussian, "mse": Gaussian, "bernoulli": Bernoulli, "categorical": Categorical}
+
+
+def get_likelihood(name, **kwargs):
+    """Likelihood by name: 'gaussian' | 'mse' (both Gaussian(sigma)), 'bernoulli', 'categorical'."""
+    if isinstance(name, Likelihood):
+        return name
+    if not isinstance(name, str):
+        raise TypeError(f"likelihood name must be a string, got {type(name).__name__}")
+    key = name.lower()
+    if key not in LIKELIHOODS:
+        raise ValueError(f"unknown likelihood {name!r}; choose one of {', '.join(sorted(LIKELIHOODS))}")
+    return LIKELIHOODS[key](**kwargs)
