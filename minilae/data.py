@@ -18,8 +18,9 @@ Splits (as in the paper): the 60000 training images are split into ``train`` (th
 Images come back as float32 in [0, 1] with shape (N, 1, 28, 28) (NCHW), labels as int64.
 
 Decompressing and parsing the gz files takes about a second, so the parsed uint8 arrays are
-cached as an ``.npz`` file: beside the raw files when that folder is writable, else in
-``MINILAE_CACHE`` (default ``~/.cache/minilae``). The cache name carries a key made of the
+cached as an ``.npz`` file: beside the raw files when that folder is writable (one with no
+write permission bits counts as read-only, even for root), else in ``MINILAE_CACHE``
+(default ``~/.cache/minilae``). The cache name carries a key made of the
 raw files' checksums; a cache whose stored key, shapes or zip CRCs do not match is ignored
 and rebuilt, and caches are written atomically (temporary file + ``os.replace``).
 
@@ -32,8 +33,9 @@ import gzip
 import hashlib
 import http.client
 import os
-import tempfile
+import stat
 import urllib.request
+import uuid
 import warnings
 import zlib
 from pathlib import Path
@@ -288,16 +290,28 @@ def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
 
 def _atomic_write(path: Path, write) -> None:
     """Call write(file) on a temporary file in path's folder, then os.replace it onto path."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # A unique sibling name keeps the replace atomic (same file system) and concurrent
+    # writers apart; opening with "xb" keeps the usual umask permissions.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
+
+
+def _is_writable(folder: Path) -> bool:
+    """True if we may write in folder; a folder with no write bits counts as read-only even for root."""
+    try:
+        mode = folder.stat().st_mode
+    except OSError:
+        return False
+    write_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+    return os.access(folder, os.W_OK) and bool(mode & write_bits)
 
 
 def _write_cache(paths: list[Path], key: str, parts: dict[str, np.ndarray]) -> Path | None:
@@ -306,13 +320,14 @@ def _write_cache(paths: list[Path], key: str, parts: dict[str, np.ndarray]) -> P
     for path in paths:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            if not os.access(path.parent, os.W_OK):
+            if not _is_writable(path.parent):
                 raise PermissionError(f"{path.parent} is not writable")
             _atomic_write(path, lambda f: np.savez(f, key=np.array(key), **parts))
             return path
         except OSError as err:
             errors.append(f"{path}: {err}")
-    warnings.warn("could not write a dataset cache (loading stays correct but slow):\n" + "\n".join(errors))
+    message = "could not write a dataset cache (loading stays correct but slow):\n" + "\n".join(errors)
+    warnings.warn(message, stacklevel=4)  # point at the caller of load_dataset / load_splits
     return None
 
 
@@ -433,27 +448,33 @@ def _fetch_torchvision(name: str, root: Path, log) -> str | None:
     return None
 
 
+def _download_verified(url: str, path: Path, expected: str) -> None:
+    """Stream url into path atomically, refusing content whose SHA-256 is not `expected`."""
+
+    def write(f):
+        digest = hashlib.sha256()
+        with urllib.request.urlopen(url, timeout=60) as response:
+            for chunk in iter(lambda: response.read(1 << 20), b""):
+                digest.update(chunk)
+                f.write(chunk)
+        if digest.hexdigest() != expected:  # checked before the replace: a bad file never lands
+            raise ChecksumError(f"expected sha256 {expected}, got {digest.hexdigest()}")
+
+    _atomic_write(path, write)
+
+
 def _fetch_http(name: str, fname: str, folder: Path, log) -> list[str]:
-    """Download one file from the mirrors, verify it, then move it into place; return failures."""
+    """Download one file from the first mirror that serves it intact; return the failures."""
     failures = []
     for mirror in MIRRORS[name]:
         url = mirror + fname
         try:
-            digest = hashlib.sha256()
-
-            def write(f):
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    for chunk in iter(lambda: response.read(1 << 20), b""):
-                        digest.update(chunk)
-                        f.write(chunk)
-                if digest.hexdigest() != SHA256[name][fname]:
-                    raise ChecksumError(f"expected sha256 {SHA256[name][fname]}, got {digest.hexdigest()}")
-
-            _atomic_write(folder / fname, write)
-            log(f"{name}: downloaded {url}")
-            return []
+            _download_verified(url, folder / fname, SHA256[name][fname])
         except (OSError, ValueError, http.client.HTTPException) as err:  # URLError, timeouts, checksum
             failures.append(f"{url}: {err}")
+            continue
+        log(f"{name}: downloaded {url}")
+        return []
     return failures
 
 

@@ -12,6 +12,8 @@ from .backend import array_module, to_numpy
 
 
 def _require_float64(x, name):
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be a float64 array, got {type(x).__name__}")
     if x.dtype.kind != "f" or x.dtype.itemsize < 8:
         raise TypeError(f"{name} must be float64 for finite differences (got {x.dtype}); "
                         "float32 round-off swamps the O(eps^2) accuracy")

@@ -47,9 +47,11 @@ class Layer:
 
     def set_params(self, theta):
         """Write the flat vector theta into the parameter arrays (copies)."""
-        if theta.ndim != 1 or theta.shape[0] != self.num_params:
+        if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"{self!r}: expected a flat vector of {self.num_params} parameters, "
-                             f"got shape {tuple(theta.shape)}")
+                             f"got shape {tuple(getattr(theta, 'shape', ()))}")
+        if not bool(array_module(theta).isfinite(theta).all()):
+            raise ValueError(f"{self!r}: parameter vector contains NaN or inf")
         start = 0
         for name in self.param_names:
             p = getattr(self, name)

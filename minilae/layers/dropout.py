@@ -1,8 +1,8 @@
 """Dropout: y = m * x / (1 - p) with a random 0/1 mask m in training, identity in evaluation."""
 from __future__ import annotations
 
-from ..backend import xp
-from .base import Layer, diag_jacobian, identity_jacobian, prod
+from ..backend import array_module, xp
+from .base import Layer, check_batch, diag_jacobian, identity_jacobian, prod
 
 
 class Dropout(Layer):
@@ -33,13 +33,21 @@ class Dropout(Layer):
         return v if self.scale is None else v * self.scale[:, None]
 
     def jac_input(self, x):
-        """diag(m / (1 - p)) at the last mask, or I in evaluation mode."""
-        if self.scale is None or self.scale.shape != x.shape:
+        """diag(m / (1 - p)) at the mask of the last training-mode forward, or I in evaluation mode."""
+        if self.training and self.scale is not None and self.scale.shape == x.shape:
+            # keep the drawn mask: this is the Jacobian of the function the last forward applied
+            check_batch(self, x)
+            self._x = x
+        else:  # evaluation mode, or no mask for this shape yet: run (and in training draw) one
             self.forward(x)
-        self._x = x
         if self.scale is None:
             return identity_jacobian(x, prod(x.shape[1:]))
         return diag_jacobian(self.scale.reshape(x.shape[0], -1))
+
+    def jac_params(self, x):
+        """No parameters: (B, d, 0); unlike the base class it does not run forward (no new mask)."""
+        check_batch(self, x)
+        return array_module(x).zeros((x.shape[0], prod(x.shape[1:]), 0), dtype=x.dtype)
 
     def __repr__(self):
         return f"Dropout(p={self.p})"

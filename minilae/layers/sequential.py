@@ -72,6 +72,8 @@ class Sequential(Layer):
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
+        if not bool(array_module(theta).isfinite(theta).all()):  # check before any layer is written
+            raise ValueError("parameter vector contains NaN or inf")
         for layer, sl in zip(self.layers, self.param_slices()):
             if layer.num_params:
                 layer.set_params(theta[sl])
@@ -133,26 +135,35 @@ class Sequential(Layer):
     # ---- dense Jacobians by the chain rule -----------------------------------------------------
     def jac_input(self, x):
         """J_in = J_in^L ... J_in^1: (B, d_out, d_in)."""
-        J = identity_jacobian(x, prod(x.shape[1:]))
-        h = x
-        for layer in self.layers:
-            J = layer.jac_input(h) @ J
-            h = layer.forward(h)
-        self._x = x
-        return J
+        return self._dense(x, with_params=False)[0]
 
     def jac_params(self, x):
         """[J_in^L...J_in^2 J_p^1, ..., J_p^L]: (B, d_out, P)."""
+        return self._dense(x, with_params=True)[1]
+
+    def _dense(self, x, with_params):
+        """(J_in, J_p or None, output) from ONE forward through the chain, so that every factor is
+        taken at the same point (a training-mode Dropout draws its mask once and all factors use it)."""
         m = array_module(x)
+        check_batch(self, x)
+        self.out_shape(tuple(x.shape[1:]))
         J_in, J_p, h = [], [], x
         for layer in self.layers:
-            J_in.append(layer.jac_input(h))
-            J_p.append(layer.jac_params(h))
-            h = layer.forward(h)
+            if isinstance(layer, Sequential):  # nested chain: its own single forward
+                Ji, Jp, h_next = layer._dense(h, with_params)
+            else:
+                h_next = layer.forward(h)  # first: a Dropout's Jacobians then reuse this mask
+                Ji = layer.jac_input(h)
+                Jp = layer.jac_params(h) if with_params else None
+            J_in.append(Ji)
+            J_p.append(Jp)
+            h = h_next
+        # right to left: A = J_in^L ... J_in^{l+1} multiplies J_p^l; at the end A is the full J_in
         A = identity_jacobian(h, prod(h.shape[1:]))
         blocks = []
         for Ji, Jp in zip(reversed(J_in), reversed(J_p)):
-            blocks.append(A @ Jp)
+            if with_params:
+                blocks.append(A @ Jp)
             A = A @ Ji
         self._x = x
-        return m.concatenate(blocks[::-1], axis=2)
+        return A, (m.concatenate(blocks[::-1], axis=2) if with_params else None), h

@@ -1,0 +1,344 @@
+"""The shared training machinery: one minibatch step for a plain autoencoder (MAP), the epoch loop
+with the paper's schedule, and checkpoints that make an interrupted run resumable bit for bit.
+
+The loop (:func:`fit`) drives any *trainer*: an object with
+  * ``model``, ``optimizer``, ``theta`` (the flat parameter vector being optimised),
+  * ``step(x, rng) -> dict`` one minibatch update, returning host floats for the progress bar,
+  * ``snapshot()`` / ``restore(snap)`` copies of what defines the result (theta; the online LAE
+    adds its precision), used to keep the best epoch,
+  * ``state_dict()`` / ``load_state_dict(d)`` everything needed to continue (optimiser state too).
+:class:`MAPTrainer` here is the plain AE; :class:`minilae.online.OnlineLaplace` is the online LAE.
+
+The schedule is the paper's: Adam (lr 1e-3), lr halved when the validation loss has not improved
+for 5 epochs, training stopped after 8 epochs without improvement; the result is the parameters
+of the best validation epoch. The validation loss is the per-pixel MSE of the *mean* network's
+reconstructions: deterministic (no sampling noise in the stopping rule) and comparable across
+the AE, post-hoc and online LAE.
+
+Reproducible resumption: randomness is drawn from generators derived from (seed, epoch) at the
+start of each epoch (:func:`epoch_rngs`), one for the host-side shuffling and one on the array
+backend for weight sampling. A checkpoint written at the end of epoch e therefore needs no RNG
+state: resuming re-creates the generators of epoch e + 1 exactly, on NumPy and CuPy alike, and an
+interrupted run ends with the same weights as an uninterrupted one.
+
+Checkpoints are single ``.npz`` files (host arrays via ``to_numpy``, plus the run's config and the
+scalar state as JSON strings) written to a temporary file and moved into place with
+``os.replace``, so a crash while writing never replaces a good checkpoint with a partial one.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np  # host side only: checkpoint files and seed derivation
+
+from .backend import array_module, asarray, to_numpy, xp
+from .data import batches, n_batches
+from .losses import Gaussian, get_likelihood
+from .optim import Adam, EarlyStopping, ReduceLROnPlateau
+
+__all__ = ["TrainingDivergedError", "CheckpointError", "MAPTrainer", "fit", "epoch_rngs",
+           "reconstruction_mse", "check_finite", "model_signature", "check_signature",
+           "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = 1
+
+
+class TrainingDivergedError(FloatingPointError):
+    """Raised when a loss, gradient, parameter or precision becomes non-finite; names the step."""
+
+
+class CheckpointError(RuntimeError):
+    """Raised for a missing, unreadable, partial or incompatible checkpoint."""
+
+
+# ----------------------------------------------------------------------------------------------
+# small shared pieces
+
+def check_finite(name, a, step):
+    """Raise TrainingDivergedError unless every entry of the array a is finite."""
+    finite = array_module(a).isfinite(a)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise TrainingDivergedError(
+            f"training diverged at step {step}: {name} has {bad} non-finite entr{'y' if bad == 1 else 'ies'} "
+            "(nan/inf). Try a smaller learning rate (--lr) or a larger prior precision.")
+
+
+def reconstruction_stats(f, x, nll):
+    """Host floats for logging: mean nll per image and per-pixel MSE of the batch."""
+    return {"nll": float(nll.mean()), "mse": float(((f - x) ** 2).mean())}
+
+
+def reconstruction_mse(model, x, batch_size=500):
+    """Per-pixel MSE of the model's reconstructions, mean over all images of the host array x."""
+    if len(x) == 0:
+        raise ValueError("reconstruction_mse needs at least one image")
+    dtype = model.get_params().dtype
+    total = 0.0
+    for xb in batches(x, batch_size, shuffle=False):
+        xb = asarray(xb, dtype=dtype)
+        total += float(((model.forward(xb) - xb) ** 2).sum())
+    return total / x.size
+
+
+def epoch_rngs(seed, epoch):
+    """(host numpy Generator for shuffling, backend Generator for weight noise) of one epoch.
+
+    Both are derived from (seed, epoch) with numpy's SeedSequence, so epoch e's randomness does not
+    depend on how many draws earlier epochs made - the property that makes resuming exact.
+    """
+    host_seq, backend_seq = np.random.SeedSequence([int(seed), int(epoch)]).spawn(2)
+    backend_seed = int(backend_seq.generate_state(1, np.uint32)[0])
+    return np.random.default_rng(host_seq), xp().random.default_rng(backend_seed)
+
+
+# ----------------------------------------------------------------------------------------------
+# the plain autoencoder
+
+class MAPTrainer:
+    """Plain AE (eq. 1): theta <- Adam step with the gradient of mean_b -log p(x_b | theta)."""
+
+    method = "ae"
+
+    def __init__(self, model, optimizer=None, likelihood=None):
+        self.model = model
+        self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
+        self.likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
+        self.theta = model.get_params()
+        self.t = 0  # optimiser steps taken
+
+    def posterior(self):
+        """A plain AE has no posterior."""
+        return None
+
+    def loss_and_grad(self, x):
+        """Forward at the current parameters; return (f, nll (B,), grad of mean_b nll_b (P,))."""
+        f = self.model.forward(x)
+        check_finite("the reconstruction", f, self.t + 1)
+        nll = self.likelihood.nll(f, x)
+        # d/dtheta mean_b l_b = J^T (dl/df / B): one backward pass
+        grad = self.model.vjp_params(self.likelihood.grad(f, x) / x.shape[0])
+        check_finite("the gradient", grad, self.t + 1)
+        return f, nll, grad
+
+    def step(self, x, rng=None):
+        """One minibatch: gradient at theta, optimiser step; returns host stats."""
+        f, nll, grad = self.loss_and_grad(x)
+        stats = reconstruction_stats(f, x, nll)
+        self.optimizer.step(self.theta, grad)
+        self.t += 1
+        check_finite("the parameters", self.theta, self.t)
+        self.model.set_params(self.theta)
+        return stats
+
+    def snapshot(self):
+        """Copies of what defines the result: theta."""
+        return {"theta": self.theta.copy()}
+
+    def restore(self, snap):
+        """Put a snapshot back into the trainer and the model."""
+        self.theta = asarray(snap["theta"], dtype=self.theta.dtype).copy()
+        self.model.set_params(self.theta)
+
+    def state_dict(self):
+        """theta, step count and optimiser state."""
+        return {"theta": self.theta.copy(), "t": self.t, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, d):
+        """Restore theta, step count and optimiser state."""
+        theta = asarray(d["theta"], dtype=self.theta.dtype)
+        if theta.shape != self.theta.shape:
+            raise CheckpointError(f"checkpoint holds {theta.shape[0]} parameters, the model has {self.theta.shape[0]}")
+        self.theta = theta.copy()
+        self.model.set_params(self.theta)
+        self.t = int(d["t"])
+        self.optimizer.load_state_dict(d["optimizer"])
+
+
+# ----------------------------------------------------------------------------------------------
+# the epoch loop
+
+def _progress(iterable, total, desc, enabled):
+    """tqdm bar when enabled and stderr is a terminal; the bare iterable otherwise (CI logs)."""
+    if not enabled or not sys.stderr.isatty():
+        return None, iterable
+    from tqdm import tqdm  # noqa: PLC0415 - only needed with a terminal
+
+    bar = tqdm(iterable, total=total, desc=desc, leave=False, unit="batch", dynamic_ncols=True)
+    return bar, bar
+
+
+def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, lr_factor=0.5,
+        stop_patience=8, checkpoint=None, config=None, resume=None, progress=True, log=print,
+        on_epoch_end=None):
+    """Train for up to ``epochs`` epochs with the paper's schedule; return the run's state dict.
+
+    x_train, x_val: host arrays (N, C, H, W). ``checkpoint``: path written (atomically) after every
+    epoch, with ``config`` (a JSON-able dict) stored beside the state. ``resume``: a state dict from
+    :func:`load_checkpoint` to continue from. ``on_epoch_end(epoch, record)`` is called after the
+    checkpoint is written (tests use it to interrupt a run). At the end the trainer holds the
+    parameters of the best validation epoch.
+    """
+    if len(x_train) == 0 or len(x_val) == 0:
+        raise ValueError(f"need training and validation images, got {len(x_train)} and {len(x_val)}")
+    scheduler = ReduceLROnPlateau(trainer.optimizer, factor=lr_factor, patience=lr_patience)
+    stopper = EarlyStopping(patience=stop_patience)
+    run = {"epoch": 0, "history": [], "best": None}
+    if resume is not None:
+        trainer.load_state_dict(resume["trainer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        stopper.load_state_dict(resume["stopper"])
+        run = {"epoch": int(resume["epoch"]), "history": list(resume["history"]), "best": resume["best"]}
+        log(f"resumed from the checkpoint after epoch {run['epoch']} (step {trainer.t})")
+    dtype = trainer.theta.dtype
+    steps_per_epoch = n_batches(len(x_train), batch_size)
+    for epoch in range(run["epoch"], epochs):
+        if stopper.should_stop:
+            break
+        host_rng, backend_rng = epoch_rngs(seed, epoch)
+        start, seen, sums = time.perf_counter(), 0, {}
+        bar, it = _progress(batches(x_train, batch_size, rng=host_rng), steps_per_epoch,
+                            f"epoch {epoch + 1}/{epochs}", progress)
+        for xb in it:
+            stats = trainer.step(asarray(xb, dtype=dtype), backend_rng)
+            seen += len(xb)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v * len(xb)
+            if bar is not None:
+                bar.set_postfix(mse=f"{stats['mse']:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        if bar is not None:
+            bar.close()
+        train_time = time.perf_counter() - start
+        val_mse = reconstruction_mse(trainer.model, x_val)
+        if not math.isfinite(val_mse):
+            raise TrainingDivergedError(f"training diverged in epoch {epoch + 1} (step {trainer.t}): "
+                                        f"validation MSE is {val_mse}")
+        record = {"epoch": epoch + 1, "step": trainer.t, "lr": trainer.optimizer.lr,
+                  **{f"train_{k}": v / seen for k, v in sums.items()}, "val_mse": val_mse,
+                  "epoch_time_s": train_time, "images_per_s": seen / train_time}
+        scheduler.step(val_mse)
+        stop = stopper.step(val_mse)
+        if stopper.improved:
+            run["best"] = {"epoch": epoch + 1, **trainer.snapshot()}
+        run["history"].append(record)
+        run["epoch"] = epoch + 1
+        log(f"epoch {epoch + 1}/{epochs}: train mse {record['train_mse']:.5f}, val mse {val_mse:.5f}, "
+            f"lr {record['lr']:.2e}, {train_time:.1f} s ({record['images_per_s']:.0f} img/s)"
+            + ("  [best]" if stopper.improved else ""))
+        state = _run_state(trainer, scheduler, stopper, run, stage="train")
+        if checkpoint is not None:
+            save_checkpoint(checkpoint, state, config or {})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch + 1, record)
+        if stop:
+            log(f"early stopping: no validation improvement for {stopper.patience} epochs "
+                f"(best epoch {stopper.best_epoch + 1})")
+            break
+    if run["best"] is not None:
+        trainer.restore(run["best"])
+    return _run_state(trainer, scheduler, stopper, run, stage="train")
+
+
+def _run_state(trainer, scheduler, stopper, run, stage):
+    return {"stage": stage, "epoch": run["epoch"], "history": run["history"], "best": run["best"],
+            "trainer": trainer.state_dict(), "scheduler": scheduler.state_dict(),
+            "stopper": stopper.state_dict()}
+
+
+# ----------------------------------------------------------------------------------------------
+# architecture signature
+
+def model_signature(model, name):
+    """What a checkpoint must match to be loaded into a model: name, shapes, latent size, P."""
+    return {"model": str(name), "input_shape": list(model.input_shape), "latent_size": int(model.latent_size),
+            "num_params": int(model.num_params), "param_shapes": [list(p.shape) for p in model.params]}
+
+
+def check_signature(stored, current, path="checkpoint"):
+    """Raise CheckpointError naming every field where the stored architecture differs."""
+    diffs = [f"{k}: checkpoint {stored.get(k)!r}, this run {current[k]!r}"
+             for k in current if stored.get(k) != current[k] and k != "param_shapes"]
+    if not diffs and stored.get("param_shapes") != current["param_shapes"]:
+        diffs.append("parameter shapes differ")
+    if diffs:
+        raise CheckpointError(f"{path} was written for a different architecture:\n  " + "\n  ".join(diffs)
+                              + "\nUse a new --out folder, or the flags the checkpoint was trained with.")
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoint files
+
+def _is_array(v):
+    return hasattr(v, "shape") and hasattr(v, "dtype") and getattr(v, "ndim", 0) >= 1
+
+
+def _split_state(tree, arrays, prefix):
+    """Replace every array in a nested dict/list by {'__array__': key}, storing it (on the host) in arrays."""
+    if isinstance(tree, dict):
+        return {str(k): _split_state(v, arrays, f"{prefix}/{k}") for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return [_split_state(v, arrays, f"{prefix}/{i}") for i, v in enumerate(tree)]
+    if _is_array(tree):
+        arrays[prefix] = to_numpy(tree)
+        return {"__array__": prefix}
+    if hasattr(tree, "item"):  # 0-d numpy/cupy scalar
+        return tree.item()
+    return tree
+
+
+def _join_state(tree, arrays):
+    if isinstance(tree, dict):
+        if set(tree) == {"__array__"}:
+            return arrays[tree["__array__"]]
+        return {k: _join_state(v, arrays) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_join_state(v, arrays) for v in tree]
+    return tree
+
+
+def save_checkpoint(path, state, config):
+    """Write state (nested dict of arrays/scalars) and config atomically to path (.npz)."""
+    path = Path(path)
+    arrays = {}
+    tree = _split_state(state, arrays, "state")
+    meta = json.dumps({"format": CHECKPOINT_FORMAT, "config": config, "state": tree})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "xb") as f:
+            np.savez(f, __meta__=np.array(meta), **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)  # atomic on one file system: readers see the old or the new file
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path):
+    """(state, config) from a checkpoint file; CheckpointError if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            meta = json.loads(str(z["__meta__"]))
+            arrays = {k: z[k] for k in z.files if k != "__meta__"}
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError, KeyError) as err:
+        raise CheckpointError(f"checkpoint {path} is unreadable, truncated or not a minilae checkpoint "
+                              f"({type(err).__name__}: {err})") from err
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint {path} has format {meta.get('format')!r}; this minilae reads "
+                              f"format {CHECKPOINT_FORMAT}")
+    try:
+        state = _join_state(meta["state"], arrays)
+    except KeyError as err:
+        raise CheckpointError(f"checkpoint {path} is incomplete: array {err} is missing") from err
+    return state, meta.get("config", {})

@@ -1,0 +1,627 @@
+"""Layers: forward against independent references, dense Jacobians against central finite
+differences, structured products against the dense Jacobians, and clear errors for bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from scipy.signal import correlate2d
+from scipy.special import expit
+
+from minilae.backend import get_default_dtype, set_default_dtype
+from minilae.gradcheck import assert_close, numerical_jacobian
+from minilae.layers import (Conv2d, Dropout, Elementwise, Flatten, Layer, Linear, MaxPool2d, ReLU,
+                            Reshape, Sequential, Sigmoid, Tanh, Upsample)
+
+RTOL = 1e-6  # vs central differences (eps = 1e-6, float64)
+EXACT = 1e-12  # two analytic forms of the same quantity: round-off only
+
+# (C_in, C_out, kernel, stride, padding, H, W, bias): square/non-square kernels, strides that
+# drop trailing rows, padding larger than needed, 1x1 kernels, no bias
+CONV_CONFIGS = [
+    (1, 2, 3, 1, 0, 5, 5, True),
+    (2, 3, 3, 1, 1, 5, 4, True),
+    (2, 2, 3, 2, 1, 6, 5, True),
+    (3, 2, (2, 3), (2, 1), (0, 2), 5, 6, True),
+    (2, 3, 1, 1, 0, 3, 3, True),
+    (1, 2, 3, 3, 2, 7, 7, True),
+    (2, 2, 2, 1, 0, 4, 4, False),
+]
+CONV_IDS = [f"c{c[0]}-{c[1]}_k{c[2]}_s{c[3]}_p{c[4]}_{c[5]}x{c[6]}{'' if c[7] else '_nobias'}"
+            for c in CONV_CONFIGS]
+
+
+def make_conv(cfg, rng, batch=2):
+    C_in, C_out, k, s, p, H, W, bias = cfg
+    layer = Conv2d(C_in, C_out, k, stride=s, padding=p, bias=bias, rng=rng)
+    return layer, rng.standard_normal((batch, C_in, H, W))
+
+
+def away_from_zero(rng, shape, gap=0.1):
+    """Normal draws pushed at least `gap` away from 0 (ReLU's kink)."""
+    x = rng.standard_normal(shape)
+    return x + gap * np.sign(x)
+
+
+def distinct(rng, shape):
+    """A random permutation of well separated values: no ties, so max-pool's arg-max is stable
+    under a 1e-6 perturbation."""
+    n = int(np.prod(shape))
+    return rng.permutation(n).reshape(shape) / n - 0.5
+
+
+# id -> factory(rng) -> (layer, x). Every layer type, several shapes.
+LAYER_CASES = {
+    "linear": lambda r: (Linear(5, 4, rng=r), r.standard_normal((3, 5))),
+    "linear_nobias": lambda r: (Linear(3, 6, bias=False, rng=r), r.standard_normal((2, 3))),
+    **{f"conv_{i}": (lambda r, c=c: make_conv(c, r)) for i, c in zip(CONV_IDS, CONV_CONFIGS)},
+    "tanh": lambda r: (Tanh(), r.standard_normal((2, 3, 2, 2))),
+    "sigmoid": lambda r: (Sigmoid(), 3 * r.standard_normal((3, 5))),
+    "relu": lambda r: (ReLU(), away_from_zero(r, (2, 2, 3, 3))),
+    "maxpool2_odd": lambda r: (MaxPool2d(2), distinct(r, (2, 2, 5, 4))),
+    "maxpool3": lambda r: (MaxPool2d(3), distinct(r, (2, 1, 6, 6))),
+    "upsample2": lambda r: (Upsample(2), r.standard_normal((2, 2, 2, 3))),
+    "upsample3": lambda r: (Upsample(3), r.standard_normal((2, 1, 2, 2))),
+    "flatten": lambda r: (Flatten(), r.standard_normal((2, 3, 2, 2))),
+    "reshape": lambda r: (Reshape(3, 4), r.standard_normal((2, 2, 6))),
+    "dropout_eval": lambda r: (Dropout(0.5, seed=0).eval(), r.standard_normal((2, 7))),
+}
+PARAM_CASES = [k for k in LAYER_CASES if k.startswith(("linear", "conv"))]
+FREE_CASES = [k for k in LAYER_CASES if k not in PARAM_CASES]
+
+
+@pytest.fixture(params=list(LAYER_CASES), ids=list(LAYER_CASES))
+def case(request, rng):
+    return LAYER_CASES[request.param](rng)
+
+
+@pytest.fixture(params=PARAM_CASES, ids=PARAM_CASES)
+def param_case(request, rng):
+    return LAYER_CASES[request.param](rng)
+
+
+# ---- finite-difference helpers ---------------------------------------------------------------
+
+def fd_jac_input(layer, x):
+    """Per-sample central-difference input Jacobian (B, d_out, d_in); also asserts that no
+    sample's output depends on another sample's input."""
+    B = x.shape[0]
+    J = numerical_jacobian(lambda z: layer.forward(z), x)
+    J = J.reshape(B, J.shape[0] // B, B, J.shape[1] // B)
+    same = np.arange(B)
+    per_sample = J[same, :, same]  # (B, d_out, d_in)
+    cross = J.copy()
+    cross[same, :, same] = 0.0
+    assert np.abs(cross).max() <= EXACT * max(np.abs(per_sample).max(), 1.0), "samples interact"
+    return per_sample
+
+
+def fd_jac_params(layer, x):
+    """Central-difference parameter Jacobian (B, d_out, P), theta perturbed via set_params."""
+    theta0 = layer.get_params()
+
+    def f(theta):
+        layer.set_params(theta)
+        return layer.forward(x)
+
+    J = numerical_jacobian(f, theta0.copy())
+    layer.set_params(theta0)
+    return J.reshape(x.shape[0], -1, theta0.size)
+
+
+def random_cotangent(rng, layer, x, K=None):
+    out = layer.out_shape(x.shape[1:])
+    return rng.standard_normal((x.shape[0],) + ((K,) if K else ()) + tuple(out))
+
+
+# ---- independent forward references ------------------------------------------------------------
+
+def conv_reference(x, weight, bias, stride, padding):
+    """Cross-correlation by scipy's correlate2d on the zero-padded input, then strided subsampling."""
+    (sh, sw), (ph, pw) = stride, padding
+    xpad = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    B, C_in = x.shape[:2]
+    C_out = weight.shape[0]
+    rows = []
+    for b in range(B):
+        maps = []
+        for o in range(C_out):
+            full = sum(correlate2d(xpad[b, c], weight[o, c], mode="valid") for c in range(C_in))
+            maps.append(full[::sh, ::sw] + (0.0 if bias is None else bias[o]))
+        rows.append(maps)
+    return np.array(rows)
+
+
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=CONV_IDS)
+def test_conv_forward_matches_scipy(cfg, rng):
+    layer, x = make_conv(cfg, rng, batch=3)
+    bias = layer.bias if cfg[-1] else None
+    expected = conv_reference(x, layer.weight, bias, layer.stride, layer.padding)
+    y = layer.forward(x)
+    assert y.shape == (3,) + layer.out_shape(x.shape[1:])
+    assert_close(y, expected, EXACT, "conv forward")
+
+
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=CONV_IDS)
+def test_conv_matrix_reproduces_forward(cfg, rng):
+    layer, x = make_conv(cfg, rng)
+    T = layer.conv_matrix(x.shape[1:])
+    y = layer.forward(x)
+    b = np.repeat(layer.bias, y[0, 0].size) if cfg[-1] else 0.0
+    assert_close((x.reshape(len(x), -1) @ T.T + b).reshape(y.shape), y, EXACT, "T x + b")
+
+
+def test_im2col_layout_is_c_u_v(rng):
+    """cols[b, (h, w), (c, u, v)] = x_pad[b, c, h*s_h + u, w*s_w + v], checked element by element."""
+    layer = Conv2d(2, 1, (2, 3), stride=(2, 1), padding=(1, 0), rng=rng)
+    x = rng.standard_normal((2, 2, 4, 5))
+    cols = layer.im2col(x)
+    xpad = np.pad(x, ((0, 0), (0, 0), (1, 1), (0, 0)))
+    _, Ho, Wo = layer.out_shape(x.shape[1:])
+    assert cols.shape == (2, Ho * Wo, 2 * 2 * 3)
+    for b in range(2):
+        for h in range(Ho):
+            for w in range(Wo):
+                for c in range(2):
+                    for u in range(2):
+                        for v in range(3):
+                            assert cols[b, h * Wo + w, (c * 2 + u) * 3 + v] == xpad[b, c, 2 * h + u, w + v]
+
+
+@pytest.mark.parametrize("cfg", CONV_CONFIGS, ids=CONV_IDS)
+def test_col2im_is_the_adjoint_of_im2col(cfg, rng):
+    """<im2col(x), D> = <x, col2im(D)>, also with an extra leading axis on D."""
+    layer, x = make_conv(cfg, rng)
+    cols = layer.im2col(x)
+    D = rng.standard_normal((x.shape[0], 3) + cols.shape[1:])
+    back = layer.col2im(D, x.shape[1:])
+    assert back.shape == (x.shape[0], 3) + x.shape[1:]
+    for k in range(3):
+        assert_close(np.sum(x * back[:, k]), np.sum(cols * D[:, k]), EXACT, "adjoint identity")
+
+
+def test_conv_accepts_non_contiguous_input(rng):
+    layer = Conv2d(2, 3, 3, stride=2, padding=0, rng=rng)
+    x = rng.standard_normal((2, 7, 9, 2)).transpose(0, 3, 1, 2)  # a strided view, NCHW
+    assert_close(layer.forward(x), layer.forward(np.ascontiguousarray(x)), 0.0, "non-contiguous")
+
+
+def test_linear_forward_matches_reference(rng):
+    layer = Linear(4, 3, rng=rng)
+    x = rng.standard_normal((5, 4))
+    expected = np.array([[sum(layer.weight[o, i] * x[b, i] for i in range(4)) + layer.bias[o]
+                          for o in range(3)] for b in range(5)])
+    assert_close(layer(x), expected, EXACT, "linear forward")
+    nobias = Linear(4, 3, bias=False, rng=rng)
+    assert_close(nobias(x), x @ nobias.weight.T, EXACT, "linear without bias")
+    assert nobias.num_params == 12
+
+
+@pytest.mark.parametrize("layer, reference, derivative", [
+    (Tanh(), np.tanh, lambda x: 1 / np.cosh(x) ** 2),
+    (Sigmoid(), expit, lambda x: expit(x) * expit(-x)),
+    (ReLU(), lambda x: np.where(x > 0, x, 0.0), lambda x: np.where(x > 0, 1.0, 0.0)),
+], ids=["tanh", "sigmoid", "relu"])
+def test_elementwise_forward_and_derivative(layer, reference, derivative, rng):
+    x = 4 * away_from_zero(rng, (3, 2, 4))
+    assert isinstance(layer, Elementwise)
+    assert_close(layer(x), reference(x), EXACT, "forward")
+    assert_close(layer.derivative(x), derivative(x), EXACT, "derivative")
+
+
+def test_sigmoid_is_overflow_free():
+    with np.errstate(all="raise"):
+        y = Sigmoid()(np.array([[-1000.0, 0.0, 1000.0]]))
+    assert_close(y, np.array([[0.0, 0.5, 1.0]]), 0.0, "sigmoid at +-1000")
+
+
+def test_relu_derivative_is_zero_at_the_kink():
+    assert ReLU().derivative(np.array([[0.0, -0.0]])).tolist() == [[0.0, 0.0]]
+
+
+@pytest.mark.parametrize("k, shape", [(2, (2, 3, 4, 6)), (2, (1, 2, 5, 5)), (3, (2, 1, 7, 6))])
+def test_maxpool_forward_matches_loops(k, shape, rng):
+    x = rng.standard_normal(shape)
+    B, C, H, W = shape
+    expected = np.array([[[[x[b, c, i * k:(i + 1) * k, j * k:(j + 1) * k].max() for j in range(W // k)]
+                           for i in range(H // k)] for c in range(C)] for b in range(B)])
+    pool = MaxPool2d(k)
+    assert_close(pool(x), expected, 0.0, "max-pool forward")
+    # the arg-max cache indexes the flattened k*k window; input_index maps it to flat input positions
+    arg = np.array([[[[np.argmax(x[b, c, i * k:(i + 1) * k, j * k:(j + 1) * k]) for j in range(W // k)]
+                      for i in range(H // k)] for c in range(C)] for b in range(B)])
+    assert np.array_equal(pool._argmax, arg)
+    idx = pool.input_index(x)
+    assert_close(np.take_along_axis(x.reshape(B, -1), idx, axis=1), expected.reshape(B, -1), 0.0, "input_index")
+
+
+@pytest.mark.parametrize("s", [1, 2, 3])
+def test_upsample_forward_matches_repeat(s, rng):
+    x = rng.standard_normal((2, 3, 2, 4))
+    assert_close(Upsample(s)(x), np.repeat(np.repeat(x, s, axis=2), s, axis=3), 0.0, "upsample")
+
+
+def test_reshape_and_flatten_forward(rng):
+    x = rng.standard_normal((3, 2, 3, 4))
+    assert_close(Flatten()(x), x.reshape(3, 24), 0.0, "flatten")
+    assert_close(Reshape(4, 6)(x), x.reshape(3, 4, 6), 0.0, "reshape")
+    assert Reshape((4, 6)).out_shape((2, 3, 4)) == (4, 6)
+
+
+# ---- every layer: Jacobians vs finite differences, products vs dense ----------------------------
+
+def test_out_shape_matches_forward(case):
+    layer, x = case
+    assert layer(x).shape == (x.shape[0],) + tuple(layer.out_shape(x.shape[1:]))
+
+
+def test_jac_input_matches_finite_differences(case):
+    layer, x = case
+    J = layer.jac_input(x)
+    d_out = int(np.prod(layer.out_shape(x.shape[1:])))
+    assert J.shape == (x.shape[0], d_out, x[0].size)
+    assert_close(J, fd_jac_input(layer, x), RTOL, f"{layer!r} J_in")
+
+
+def test_jac_params_matches_finite_differences(param_case):
+    layer, x = param_case
+    J = layer.jac_params(x)
+    assert J.shape == (x.shape[0], layer(x)[0].size, layer.num_params)
+    assert_close(J, fd_jac_params(layer, x), RTOL, f"{layer!r} J_p")
+
+
+@pytest.mark.parametrize("name", FREE_CASES)
+def test_parameter_free_layers_have_empty_jac_params(name, rng):
+    layer, x = LAYER_CASES[name](rng)
+    assert layer.num_params == 0
+    J = layer.jac_params(x)
+    assert J.shape == (x.shape[0], layer(x)[0].size, 0)
+    assert layer.get_params().shape == (0,)
+    assert layer.vjp_params(layer(x)).shape == (0,)
+
+
+@pytest.mark.parametrize("K", [None, 3])
+def test_vjp_input_matches_dense(case, K, rng):
+    layer, x = case
+    J = layer.jac_input(x)
+    v = random_cotangent(rng, layer, x, K)
+    layer.forward(x)
+    g = layer.vjp_input(v)
+    vk = v.reshape(x.shape[0], K or 1, -1)
+    expected = np.einsum("bko,boi->bki", vk, J).reshape((x.shape[0],) + ((K,) if K else ()) + x.shape[1:])
+    assert g.shape == expected.shape
+    assert_close(g, expected, EXACT, f"{layer!r} J_in^T v")
+
+
+@pytest.mark.parametrize("K", [None, 3])
+def test_vjp_params_matches_dense(param_case, K, rng):
+    layer, x = param_case
+    J = layer.jac_params(x)
+    v = random_cotangent(rng, layer, x, K)
+    layer.forward(x)
+    vk = v.reshape(x.shape[0], K or 1, -1)
+    per_sample = np.einsum("bko,bop->bkp", vk, J)
+    g = layer.vjp_params(v, per_sample=True)
+    assert_close(g, per_sample if K else per_sample[:, 0], EXACT, f"{layer!r} per-sample J_p^T v")
+    if K is None:
+        assert_close(layer.vjp_params(v), per_sample.sum(axis=(0, 1)), EXACT, f"{layer!r} summed J_p^T v")
+
+
+def test_products_use_the_last_forward(rng):
+    """After forward(x2) the products are taken at x2, not at an earlier input."""
+    layer = Conv2d(1, 2, 3, padding=1, rng=rng)
+    x1, x2 = rng.standard_normal((2, 2, 1, 4, 4))
+    v = rng.standard_normal((2, 2, 4, 4))
+    J2 = layer.jac_params(x2)
+    layer.forward(x1)
+    layer.forward(x2)
+    assert_close(layer.vjp_params(v), np.einsum("bo,bop->p", v.reshape(2, -1), J2), EXACT, "cache")
+
+
+def test_float32_stays_float32(rng):
+    """Training runs in float32: no silent promotion to float64 in forward or products."""
+    set_default_dtype(np.float32)
+    model = Sequential(Conv2d(1, 2, 3, padding=1, rng=rng), Tanh(), MaxPool2d(2), Upsample(2),
+                       Flatten(), Linear(32, 3, rng=rng))
+    x = rng.standard_normal((2, 1, 4, 4)).astype(np.float32)
+    y = model(x)
+    v = np.ones_like(y)
+    assert y.dtype == np.float32
+    assert model.vjp_input(v).dtype == np.float32
+    assert model.vjp_params(v).dtype == np.float32
+    assert model.get_params().dtype == np.float32
+    assert get_default_dtype() == np.float32
+
+
+# ---- parameters ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer_factory, sizes", [
+    (lambda r: Linear(3, 2, rng=r), [(2, 3), (2,)]),
+    (lambda r: Conv2d(2, 3, (2, 1), rng=r), [(3, 2, 2, 1), (3,)]),
+    (lambda r: Conv2d(2, 3, 2, bias=False, rng=r), [(3, 2, 2, 2)]),
+])
+def test_flat_params_round_trip_and_order(layer_factory, sizes, rng):
+    layer = layer_factory(rng)
+    assert [p.shape for p in layer.params] == sizes
+    theta = layer.get_params()
+    assert_close(theta, np.concatenate([p.ravel() for p in layer.params]), 0.0, "order: weight (C order), bias")
+    new = rng.standard_normal(theta.size)
+    layer.set_params(new)
+    assert_close(layer.get_params(), new, 0.0, "round trip")
+    new[0] = 100.0  # set_params copies: later changes to the vector do not leak into the layer
+    assert layer.params[0].ravel()[0] != 100.0
+    parts = layer.split_params(np.stack([new, 2 * new]))
+    assert [p.shape for p in parts] == [(2,) + s for s in sizes]
+
+
+def test_linear_init_bounds(rng):
+    """PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
+    layer = Linear(400, 300, rng=rng)
+    bound = 1 / np.sqrt(400)
+    for p in layer.params:
+        assert np.abs(p).max() <= bound
+        assert np.abs(p).max() > 0.95 * bound
+    conv = Conv2d(4, 8, 3, rng=rng)
+    assert np.abs(conv.weight).max() <= 1 / np.sqrt(36)
+
+
+# ---- Sequential: the chain rule --------------------------------------------------------------
+
+def small_chain(rng):
+    """Every layer type in one chain, (2, 6, 6) -> (2, 4, 4) images."""
+    return Sequential(
+        Conv2d(2, 3, 3, padding=1, rng=rng), Tanh(), MaxPool2d(2),
+        Conv2d(3, 2, (2, 3), stride=(1, 2), padding=(0, 1), rng=rng), Sigmoid(),
+        Flatten(), Linear(8, 5, rng=rng), Tanh(), Dropout(0.3, seed=1).eval(), Linear(5, 8, rng=rng),
+        Reshape(2, 2, 2), Upsample(2), Conv2d(2, 2, 1, rng=rng))
+
+
+def test_sequential_shapes(rng):
+    model = small_chain(rng)
+    shapes = model.shapes((2, 6, 6))
+    assert shapes[0] == (2, 6, 6) and shapes[-1] == (2, 4, 4) and len(shapes) == len(model) + 1
+    x = rng.standard_normal((3, 2, 6, 6))
+    h = x
+    for layer, s in zip(model, shapes[1:]):
+        h = layer(h)
+        assert h.shape[1:] == s
+    assert_close(model(x), h, 0.0, "composition")
+
+
+def test_sequential_jacobians_match_finite_differences(rng):
+    model = small_chain(rng)
+    x = rng.standard_normal((2, 2, 6, 6))
+    assert_close(model.jac_input(x), fd_jac_input(model, x), RTOL, "chain J_in")
+    assert_close(model.jac_params(x), fd_jac_params(model, x), RTOL, "chain J_p")
+
+
+def test_sequential_products_match_dense(rng):
+    model = small_chain(rng)
+    x = rng.standard_normal((3, 2, 6, 6))
+    J_in, J_p = model.jac_input(x), model.jac_params(x)
+    model.forward(x)
+    v = rng.standard_normal((3, 4, 2, 4, 4))  # K = 4 vectors per sample
+    vk = v.reshape(3, 4, -1)
+    assert_close(model.vjp_input(v), np.einsum("bko,boi->bki", vk, J_in).reshape(3, 4, 2, 6, 6), EXACT, "J_in^T V")
+    assert_close(model.vjp_params(v, per_sample=True), np.einsum("bko,bop->bkp", vk, J_p), EXACT, "J_p^T V")
+    assert_close(model.vjp_params(v[:, 0]), np.einsum("bo,bop->p", vk[:, 0], J_p), EXACT, "sum_b J_p^T v")
+
+
+def test_sequential_dense_jacobian_is_the_product_of_layer_jacobians(rng):
+    """J_in = J_in^L ... J_in^1 and the block of layer l is J_in^L ... J_in^{l+1} J_p^l (E.3)."""
+    model = small_chain(rng)
+    x = rng.standard_normal((2, 2, 6, 6))
+    h, J_in, J_p = x, [], []
+    for layer in model:
+        J_in.append(layer.jac_input(h))
+        J_p.append(layer.jac_params(h))
+        h = layer(h)
+    full = J_in[0]
+    for J in J_in[1:]:
+        full = J @ full
+    assert_close(model.jac_input(x), full, EXACT, "J_in chain")
+    Jp = model.jac_params(x)
+    for l, sl in enumerate(model.param_slices()):
+        A = np.eye(h[0].size)[None]
+        for J in J_in[l + 1:][::-1]:
+            A = A @ J
+        assert_close(Jp[:, :, sl], A @ J_p[l], EXACT, f"block of layer {l}")
+
+
+def test_sequential_params_are_the_layers_in_order(rng):
+    model = small_chain(rng)
+    theta = model.get_params()
+    slices = model.param_slices()
+    assert theta.size == model.num_params == sum(layer.num_params for layer in model)
+    for layer, sl in zip(model, slices):
+        assert_close(theta[sl], layer.get_params(), 0.0, f"slice of {layer!r}")
+    assert slices[0].start == 0 and slices[-1].stop == theta.size
+    new = rng.standard_normal(theta.size)
+    model.set_params(new)
+    assert_close(model.get_params(), new, 0.0, "round trip")
+    assert_close(model[0].weight.ravel(), new[:model[0].weight.size], 0.0, "first layer's weight first")
+
+
+def test_sequential_indexing_shares_layers(rng):
+    model = small_chain(rng)
+    head = model[:3]
+    assert isinstance(head, Sequential) and len(head) == 3 and head[0] is model[0]
+    x = rng.standard_normal((2, 2, 6, 6))
+    assert_close(model[3:](head(x)), model(x), 0.0, "split chain")
+
+
+def test_nested_sequential_matches_flat(rng):
+    flat = small_chain(rng)
+    nested = Sequential(flat[:4], Sequential(*flat[4:8]), *flat[8:])
+    x = rng.standard_normal((2, 2, 6, 6))
+    assert_close(nested.jac_params(x), flat.jac_params(x), EXACT, "nested J_p")
+    assert_close(nested.jac_input(x), flat.jac_input(x), EXACT, "nested J_in")
+    v = rng.standard_normal((2, 2, 4, 4))
+    nested.forward(x)
+    g_nested = nested.vjp_params(v)
+    flat.forward(x)
+    assert_close(g_nested, flat.vjp_params(v), EXACT, "nested J_p^T v")
+
+
+def test_parameter_free_chain(rng):
+    model = Sequential(Tanh(), Flatten())
+    x = rng.standard_normal((2, 3, 2))
+    y = model(x)
+    assert model.num_params == 0 and model.get_params().shape == (0,)
+    assert model.vjp_params(y).shape == (0,)
+    assert model.vjp_params(np.ones((2, 5, 6)), per_sample=True).shape == (2, 5, 0)
+    assert model.jac_params(x).shape == (2, 6, 0)
+
+
+# ---- Dropout ------------------------------------------------------------------------------------
+
+def test_dropout_eval_is_identity(rng):
+    x = rng.standard_normal((4, 10))
+    d = Dropout(0.5, seed=0)
+    d.train().eval()
+    assert not d.training
+    assert_close(d(x), x, 0.0, "eval mode")
+    assert_close(d.jac_input(x), np.broadcast_to(np.eye(10), (4, 10, 10)), 0.0, "eval J_in = I")
+
+
+def test_dropout_train_mask_statistics(rng):
+    p = 0.3
+    d = Dropout(p, seed=123).train()
+    x = np.ones((50, 2000))
+    y = d(x)
+    scaled = 1 / (1 - p)
+    assert np.all((y == 0) | np.isclose(y, scaled))
+    # zero fraction ~ Binomial(1e5, p)/1e5: standard deviation 1.4e-3, so 0.01 is > 6 sigma
+    assert abs(np.mean(y == 0) - p) < 0.01
+    assert abs(y.mean() - 1.0) < 0.02  # inverted dropout keeps E[y] = x
+    y2 = d(x)
+    assert np.any(y2 != y), "a new mask per forward"
+    again = Dropout(p, seed=123).train()(x)
+    assert_close(again, y, 0.0, "same seed, same mask")
+
+
+def test_dropout_p_zero_is_identity_in_training(rng):
+    x = rng.standard_normal((2, 5))
+    d = Dropout(0.0, seed=0).train()
+    assert_close(d(x), x, 0.0, "p = 0")
+
+
+def test_dropout_jacobian_at_the_drawn_mask(rng):
+    d = Dropout(0.5, seed=7).train()
+    x = away_from_zero(rng, (3, 8))
+    y = d(x)
+    J = d.jac_input(x)
+    assert_close(J, np.stack([np.diag(row) for row in y / x]), EXACT, "diag(m / (1 - p))")
+    v = rng.standard_normal((3, 8))
+    assert_close(d.vjp_input(v), v * y / x, EXACT, "J_in^T v at the drawn mask")
+    assert d.jac_params(x).shape == (3, 8, 0)
+    assert_close(d.vjp_input(v), v * y / x, EXACT, "jac_params drew no new mask")
+
+
+def test_dropout_chain_jacobian_vs_fd_with_frozen_mask(rng):
+    """In training mode the chain's dense Jacobians, its products and central differences all
+    agree at one mask (frozen for the differences by re-seeding the dropout rng)."""
+    drop = Dropout(0.4, seed=0)
+    model = Sequential(Linear(5, 6, rng=rng), Tanh(), drop, Linear(6, 3, rng=rng)).train()
+    x = rng.standard_normal((2, 5))
+
+    def frozen(z):
+        drop.rng = np.random.default_rng(99)
+        return model.forward(z)
+
+    expected_in = fd_jac_input(type("F", (), {"forward": staticmethod(frozen)})(), x)
+    drop.rng = np.random.default_rng(99)
+    J_in = model.jac_input(x)
+    assert drop.scale is not None and np.any(drop.scale == 0)
+    assert_close(J_in, expected_in, RTOL, "chain J_in at the mask")
+    v = rng.standard_normal((2, 3))
+    assert_close(model.vjp_input(v), np.einsum("bo,boi->bi", v, J_in), EXACT, "product after jac_input")
+    J_p = model.jac_params(x)  # draws a new mask; its products must use that same mask
+    assert_close(model.vjp_params(v, per_sample=True), np.einsum("bo,bop->bp", v, J_p), EXACT,
+                 "product after jac_params")
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("layer, x, match", [
+    (Linear(4, 3), np.zeros((2, 5)), r"expects inputs of shape \(B, 4\)"),
+    (Linear(4, 3), np.zeros((2, 2, 2)), r"expects inputs of shape \(B, 4\)"),
+    (Conv2d(3, 2, 3), np.zeros((2, 1, 5, 5)), r"C=3"),
+    (Conv2d(1, 2, 3), np.zeros((2, 5, 5)), r"NCHW"),
+    (Conv2d(1, 2, 5, padding=1), np.zeros((2, 1, 2, 2)), r"smaller than the kernel"),
+    (MaxPool2d(2), np.zeros((2, 4, 4)), r"NCHW"),
+    (MaxPool2d(3), np.zeros((2, 1, 2, 5)), r"smaller than the window"),
+    (Upsample(2), np.zeros((2, 4)), r"NCHW"),
+    (Reshape(3, 3), np.zeros((2, 8)), r"cannot reshape"),
+    (Linear(4, 3), np.zeros(4), r"batch axis"),
+    (Sequential(Flatten(), Linear(4, 2)), np.zeros((2, 1, 2, 3)), r"expects inputs of shape \(B, 4\)"),
+])
+def test_wrong_input_shape_is_a_clear_value_error(layer, x, match):
+    with pytest.raises(ValueError, match=match):
+        layer(x)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("layer", [Linear(3, 2), Conv2d(1, 1, 1), Tanh(),
+                                   Sequential(Linear(3, 3), Tanh())], ids=repr)
+def test_non_finite_input_is_rejected(layer, bad):
+    x = np.zeros((2, 3)) if not isinstance(layer, Conv2d) else np.zeros((2, 1, 3, 3))
+    x.reshape(-1)[1] = bad
+    with pytest.raises(ValueError, match="NaN or inf"):
+        layer(x)
+
+
+@pytest.mark.parametrize("x, error, match", [
+    (np.zeros((2, 3), dtype=np.int64), TypeError, "floating point"),
+    ([[0.0, 1.0, 2.0]], TypeError, "must be an array"),
+])
+def test_wrong_input_type(x, error, match):
+    with pytest.raises(error, match=match):
+        Linear(3, 2)(x)
+
+
+def test_product_errors(rng):
+    layer = Conv2d(1, 2, 3, padding=1)
+    with pytest.raises(RuntimeError, match="call forward"):
+        layer.vjp_input(np.zeros((2, 2, 4, 4)))
+    layer(rng.standard_normal((2, 1, 4, 4)))
+    with pytest.raises(ValueError, match=r"expected \(B=2, \*\(2, 4, 4\)\)"):
+        layer.vjp_input(np.zeros((2, 2, 4, 3)))
+    with pytest.raises(ValueError, match="per_sample=True"):
+        layer.vjp_params(np.zeros((2, 3, 2, 4, 4)))
+
+
+@pytest.mark.parametrize("theta, match", [
+    (np.zeros(5), "flat vector of 8"),
+    (np.zeros((2, 4)), "flat vector of 8"),
+    ([0.0] * 8, "flat vector of 8"),
+    (np.full(8, np.nan), "NaN or inf"),
+])
+def test_set_params_errors(theta, match):
+    for model in (Linear(3, 2), Sequential(Linear(3, 2), Tanh())):
+        before = model.get_params()
+        with pytest.raises(ValueError, match=match):
+            model.set_params(theta)
+        assert_close(model.get_params(), before, 0.0, "unchanged after a rejected set_params")
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: Linear(0, 3), ValueError, "positive sizes"),
+    (lambda: Conv2d(1, 2, 3, stride=0), ValueError, "stride >= 1"),
+    (lambda: Conv2d(1, 2, 3, padding=-1), ValueError, "padding >= 0"),
+    (lambda: Conv2d(1, 2, (3, 3, 3)), ValueError, "pair of ints"),
+    (lambda: Conv2d(1, 2, 2.5), ValueError, "pair of ints"),
+    (lambda: Conv2d(0, 2, 3), ValueError, "positive channel"),
+    (lambda: MaxPool2d(2, stride=1), ValueError, "stride == kernel_size"),
+    (lambda: Upsample(1.5), ValueError, "integer scale_factor"),
+    (lambda: Dropout(1.0), ValueError, r"\[0, 1\)"),
+    (lambda: Dropout(-0.1), ValueError, r"\[0, 1\)"),
+    (lambda: Sequential(Linear(2, 2), np.tanh), TypeError, "Layer objects"),
+])
+def test_constructor_errors(make, error, match):
+    with pytest.raises(error, match=match):
+        make()
+
+
+def test_layer_base_is_abstract():
+    with pytest.raises(NotImplementedError):
+        Layer()(np.zeros((1, 2)))

@@ -1,0 +1,328 @@
+"""Tests for minilae.losses: derivatives vs finite differences, constants vs scipy, sampling vs moments."""
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.special
+import scipy.stats
+
+from minilae.backend import asarray, cupy_available, to_numpy
+from minilae.gradcheck import assert_close, numerical_gradient, numerical_hessian
+from minilae.losses import Bernoulli, Categorical, Gaussian, get_likelihood
+
+SIGMA = 0.7
+
+# (likelihood name, output shape (B, *out), kind of target)
+CASES = [
+    ("gaussian", (4, 3), "real"),
+    ("gaussian", (2, 1, 3, 3), "real"),
+    ("bernoulli", (4, 3), "binary"),
+    ("bernoulli", (4, 3), "fractional"),
+    ("bernoulli", (2, 1, 3, 3), "binary"),
+    ("categorical", (5, 4), "labels"),
+    ("categorical", (5, 4), "one_hot"),
+    ("categorical", (5, 4), "soft"),
+]
+CASE_IDS = [f"{n}-{'x'.join(map(str, s))}-{t}" for n, s, t in CASES]
+
+
+def make_likelihood(name):
+    return Gaussian(sigma=SIGMA) if name == "gaussian" else get_likelihood(name)
+
+
+def make_target(name, shape, target, rng, f):
+    if target == "real":
+        return rng.standard_normal(shape)
+    if target == "binary":
+        return (rng.random(shape) < 0.5).astype(np.float64)
+    if target == "fractional":
+        return rng.random(shape)
+    labels = rng.integers(0, shape[1], size=shape[0])
+    if target == "labels":
+        return labels
+    if target == "one_hot":
+        return np.eye(shape[1])[labels]
+    return scipy.special.softmax(rng.standard_normal(shape), axis=1)
+
+
+def make_case(case, seed=0):
+    name, shape, target = case
+    rng = np.random.default_rng(seed)
+    f = 1.5 * rng.standard_normal(shape)
+    return make_likelihood(name), f, make_target(name, shape, target, rng, f)
+
+
+def one_hot_if_labels(y, n_classes):
+    return np.eye(n_classes)[y] if y.ndim == 1 else y
+
+
+# ---------------------------------------------------------------------------------------------
+# derivatives
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_grad_matches_finite_differences(case):
+    lik, f, y = make_case(case)
+    numerical = numerical_gradient(lambda z: lik.nll(z, y).sum(), f)
+    assert lik.grad(f, y).shape == f.shape
+    assert_close(lik.grad(f, y), numerical, 1e-6, "grad")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_hess_matches_finite_differences_of_grad(case):
+    lik, f, y = make_case(case)
+    batch, d = f.shape[0], f[0].size
+    hess = lik.hess(f, y)
+    assert hess.shape == (batch, d, d)
+    # samples are independent, so the full Hessian over the batch is block-diagonal
+    numerical = numerical_hessian(lambda z: lik.grad(z, y), f)
+    assert_close(scipy.linalg.block_diag(*hess), numerical, 1e-6, "hess")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_hess_does_not_depend_on_y(case):
+    lik, f, y = make_case(case, seed=1)
+    _, _, other_y = make_case(case, seed=2)  # a different target for the same f
+    numerical = numerical_hessian(lambda z: lik.grad(z, other_y), f)
+    assert_close(scipy.linalg.block_diag(*lik.hess(f)), numerical, 1e-6, "hess(f) vs FD with another y")
+    np.testing.assert_array_equal(lik.hess(f, y), lik.hess(f, other_y))
+    np.testing.assert_array_equal(lik.hess_diag(f, y), lik.hess_diag(f))
+    np.testing.assert_array_equal(lik.hess_sqrt(f, y), lik.hess_sqrt(f))
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_hess_diag_is_diagonal_of_hess(case):
+    lik, f, y = make_case(case)
+    diag = lik.hess_diag(f, y)
+    assert diag.shape == f.shape
+    expected = np.diagonal(lik.hess(f, y), axis1=1, axis2=2).reshape(f.shape)
+    assert_close(diag, expected, 1e-14, "hess_diag")
+
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_hess_sqrt_factorises_hess(case):
+    lik, f, y = make_case(case)
+    S = lik.hess_sqrt(f, y)
+    assert S.ndim == 3 and S.shape[:2] == (f.shape[0], f[0].size)
+    assert_close(S @ S.transpose(0, 2, 1), lik.hess(f, y), 1e-13, "S S^T")
+
+
+@pytest.mark.parametrize("name", ["bernoulli", "categorical"])
+def test_extreme_logits_stay_finite_and_exact(name):
+    lik = get_likelihood(name)
+    f = np.array([[800.0, -800.0], [0.0, 1000.0]])
+    y = np.array([[0.0, 1.0], [1.0, 0.0]]) if name == "bernoulli" else np.array([1, 1])
+    nll, grad, hess = lik.nll(f, y), lik.grad(f, y), lik.hess(f, y)
+    assert np.all(np.isfinite(nll)) and np.all(np.isfinite(grad)) and np.all(np.isfinite(hess))
+    if name == "bernoulli":
+        # -log(1 - sigma(800)) = 800 (y=0), -log sigma(-800) = 800 (y=1); sample 2: log 2 + 1000
+        np.testing.assert_allclose(nll, [1600.0, 1000.0 + np.log(2.0)], rtol=1e-15)
+        np.testing.assert_allclose(grad, [[1.0, -1.0], [-0.5, 1.0]], rtol=1e-15)
+    else:
+        # log-sum-exp(800, -800) - (-800) = 1600; label 1 is the winning class at 1000
+        np.testing.assert_allclose(nll, [1600.0, 0.0], atol=1e-12)
+    assert np.all(lik.hess_diag(f) >= 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# nll constants against scipy
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 1, 3, 3)])
+@pytest.mark.parametrize("sigma", [0.3, 1.0, 2.5])
+def test_gaussian_nll_matches_scipy(shape, sigma):
+    rng = np.random.default_rng(3)
+    f, y = rng.standard_normal(shape), rng.standard_normal(shape)
+    expected = -scipy.stats.norm.logpdf(y, loc=f, scale=sigma).reshape(shape[0], -1).sum(axis=1)
+    assert_close(Gaussian(sigma).nll(f, y), expected, 1e-13, "Gaussian nll")
+
+
+@pytest.mark.parametrize("shape", [(4, 3), (2, 1, 3, 3)])
+def test_bernoulli_nll_matches_scipy(shape):
+    rng = np.random.default_rng(4)
+    f = 3 * rng.standard_normal(shape)
+    y = (rng.random(shape) < 0.5).astype(np.float64)
+    expected = -scipy.stats.bernoulli.logpmf(y, scipy.special.expit(f)).reshape(shape[0], -1).sum(axis=1)
+    assert_close(Bernoulli().nll(f, y), expected, 1e-12, "Bernoulli nll")
+    # fractional targets: binary cross-entropy
+    y = rng.random(shape)
+    p = scipy.special.expit(f)
+    bce = -(y * np.log(p) + (1 - y) * np.log1p(-p)).reshape(shape[0], -1).sum(axis=1)
+    assert_close(Bernoulli().nll(f, y), bce, 1e-12, "Bernoulli BCE")
+
+
+@pytest.mark.parametrize("target", ["labels", "one_hot", "soft"])
+def test_categorical_nll_matches_scipy(target):
+    rng = np.random.default_rng(5)
+    f = 2 * rng.standard_normal((5, 4))
+    y = make_target("categorical", (5, 4), target, rng, f)
+    if target == "soft":
+        expected = -(y * scipy.special.log_softmax(f, axis=1)).sum(axis=1)
+    else:
+        expected = -scipy.stats.multinomial.logpmf(one_hot_if_labels(y, 4), n=1, p=scipy.special.softmax(f, axis=1))
+    assert_close(Categorical().nll(f, y), expected, 1e-12, "Categorical nll")
+
+
+@pytest.mark.parametrize("name", ["gaussian", "bernoulli", "categorical"])
+def test_mean_matches_scipy(name):
+    rng = np.random.default_rng(6)
+    f = rng.standard_normal((5, 4))
+    expected = {"gaussian": f, "bernoulli": scipy.special.expit(f),
+                "categorical": scipy.special.softmax(f, axis=1)}[name]
+    assert_close(make_likelihood(name).mean(f), expected, 1e-14, "mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+
+N_SAMPLES = 20000
+SAMPLE_CASES = [("gaussian", (1, 2, 3)), ("bernoulli", (1, 2, 3)), ("categorical", (1, 4))]
+
+
+def draw(name, out_shape, seed=7):
+    """N_SAMPLES draws for one f, returned as (N, d) arrays of y (one-hot for Categorical) and f."""
+    lik = make_likelihood(name)
+    f0 = np.random.default_rng(8).standard_normal(out_shape)
+    f = np.repeat(f0, N_SAMPLES, axis=0)
+    y = lik.sample(f, np.random.default_rng(seed))
+    return lik, f0, f, y
+
+
+@pytest.mark.parametrize("name,out_shape", SAMPLE_CASES)
+def test_sample_mean_within_five_standard_errors(name, out_shape):
+    lik, f0, f, y = draw(name, out_shape)
+    if name == "categorical":
+        assert y.shape == (N_SAMPLES,) and y.dtype.kind == "i"
+        assert y.min() >= 0 and y.max() < out_shape[1]
+        y = np.eye(out_shape[1])[y]
+    else:
+        assert y.shape == f.shape and y.dtype == f.dtype
+    if name == "bernoulli":
+        assert set(np.unique(y)) <= {0.0, 1.0}
+    mean = lik.mean(f0).reshape(-1)
+    # Var[y_i | f] = diag(H) for Bernoulli/Categorical and sigma^2 for the Gaussian
+    var = SIGMA**2 * np.ones_like(mean) if name == "gaussian" else lik.hess_diag(f0).reshape(-1)
+    standard_error = np.sqrt(var / N_SAMPLES)
+    deviation = np.abs(y.reshape(N_SAMPLES, -1).mean(axis=0) - mean)
+    assert np.all(deviation <= 5 * standard_error), (deviation / standard_error).max()
+
+
+@pytest.mark.parametrize("name,out_shape", SAMPLE_CASES)
+def test_monte_carlo_fisher_matches_hess(name, out_shape):
+    """E_{y ~ p(y|f)}[g g^T] with g = grad(f, y) equals the Hessian (Fisher = GGN for these likelihoods)."""
+    lik, f0, f, y = draw(name, out_shape, seed=9)
+    g = lik.grad(f, y).reshape(N_SAMPLES, -1)
+    outer = g[:, :, None] * g[:, None, :]
+    standard_error = outer.std(axis=0) / np.sqrt(N_SAMPLES)
+    deviation = np.abs(outer.mean(axis=0) - lik.hess(f0)[0])
+    assert np.all(deviation <= 5 * standard_error + 1e-12), (deviation / (standard_error + 1e-300)).max()
+
+
+@pytest.mark.parametrize("name", ["gaussian", "bernoulli", "categorical"])
+def test_sample_is_reproducible_with_seed(name):
+    lik = make_likelihood(name)
+    f = np.random.default_rng(10).standard_normal((6, 4))
+    a = lik.sample(f, np.random.default_rng(11))
+    b = lik.sample(f, np.random.default_rng(11))
+    c = lik.sample(f, np.random.default_rng(12))
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+# ---------------------------------------------------------------------------------------------
+# dtype and backend
+
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_float32_in_float32_out(case):
+    lik, f, y = make_case(case)
+    f32 = f.astype(np.float32)
+    for out in (lik.nll(f32, y), lik.grad(f32, y), lik.hess(f32, y), lik.hess_diag(f32), lik.hess_sqrt(f32)):
+        assert out.dtype == np.float32
+    assert_close(lik.grad(f32, y), lik.grad(f, y), 1e-5, "float32 grad")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", CASES, ids=CASE_IDS)
+def test_cupy_matches_numpy(case):
+    ok, reason = cupy_available()
+    if not ok:
+        pytest.skip(f"CuPy backend unavailable: {reason}")
+    from minilae.backend import set_backend
+    lik, f, y = make_case(case)
+    set_backend("cupy")
+    try:
+        fd, yd = asarray(f), asarray(y)
+        for method in ("nll", "grad"):
+            assert_close(to_numpy(getattr(lik, method)(fd, yd)), getattr(lik, method)(f, y), 1e-12, method)
+        for method in ("hess", "hess_diag", "hess_sqrt", "mean"):
+            assert_close(to_numpy(getattr(lik, method)(fd)), getattr(lik, method)(f), 1e-12, method)
+        import cupy
+        sample = lik.sample(fd, cupy.random.default_rng(0))
+        assert type(sample).__module__.startswith("cupy")
+    finally:
+        set_backend("numpy")
+
+
+# ---------------------------------------------------------------------------------------------
+# bad input
+
+@pytest.mark.parametrize("name", ["gaussian", "bernoulli"])
+def test_shape_mismatch_and_non_finite_raise(name):
+    lik = make_likelihood(name)
+    f = np.zeros((4, 3))
+    with pytest.raises(ValueError, match="same shape"):
+        lik.nll(f, np.zeros((4, 2)))
+    with pytest.raises(ValueError, match="same shape"):
+        lik.grad(f, np.zeros(12))
+    bad_f = f.copy()
+    bad_f[1, 2] = np.nan
+    with pytest.raises(ValueError, match="f contains 1 non-finite"):
+        lik.nll(bad_f, f)
+    with pytest.raises(ValueError, match="f contains 1 non-finite"):
+        lik.hess(bad_f)
+    bad_y = f.copy()
+    bad_y[0, 0] = np.inf
+    with pytest.raises(ValueError, match="y contains 1 non-finite"):
+        lik.grad(f, bad_y)
+    with pytest.raises(TypeError, match="floating"):
+        lik.nll(np.zeros((4, 3), dtype=int), f)
+
+
+def test_bernoulli_target_outside_unit_interval_raises():
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        Bernoulli().nll(np.zeros((2, 2)), np.array([[0.0, 1.0], [1.5, 0.0]]))
+
+
+@pytest.mark.parametrize("labels", [[0, 1, 4], [-1, 0, 1]])
+def test_categorical_label_out_of_range_raises(labels):
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 3\]"):
+        Categorical().nll(np.zeros((3, 4)), np.array(labels))
+
+
+def test_categorical_bad_targets_raise():
+    lik, f = Categorical(), np.zeros((3, 4))
+    with pytest.raises(ValueError, match="rows summing to 1"):
+        lik.nll(f, np.full((3, 4), 0.3))
+    with pytest.raises(ValueError, match="rows summing to 1"):
+        lik.nll(f, np.array([[1.5, -0.5, 0, 0]] * 3))
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        lik.nll(f, np.zeros((3, 5)))
+    with pytest.raises(ValueError, match="integers"):
+        lik.nll(f, np.array([0.0, 1.5, 2.0]))
+    with pytest.raises(ValueError, match=r"\(B, C\)"):
+        lik.hess(np.zeros((2, 3, 4)))
+    # integral float labels are accepted and equal int labels
+    np.testing.assert_array_equal(lik.nll(f, np.array([0.0, 1.0, 3.0])), lik.nll(f, np.array([0, 1, 3])))
+
+
+@pytest.mark.parametrize("sigma", [0.0, -1.0, np.nan, np.inf])
+def test_gaussian_sigma_must_be_positive(sigma):
+    with pytest.raises(ValueError, match="sigma"):
+        Gaussian(sigma)
+
+
+def test_get_likelihood_factory():
+    lik = get_likelihood("MSE", sigma=2.0)
+    assert isinstance(lik, Gaussian) and lik.sigma == 2.0
+    assert isinstance(get_likelihood("gaussian"), Gaussian)
+    assert isinstance(get_likelihood("bernoulli"), Bernoulli)
+    assert isinstance(get_likelihood("Categorical"), Categorical)
+    with pytest.raises(ValueError, match="bernoulli, categorical, gaussian, mse"):
+        get_likelihood("poisson")

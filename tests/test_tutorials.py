@@ -1,0 +1,30 @@
+"""Every tutorial notebook runs top to bottom (its own assert cells are the checks)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat", reason="notebook tests need the [test] extra (nbformat)")
+nbclient = pytest.importorskip("nbclient", reason="notebook tests need the [test] extra (nbclient)")
+
+TUTORIALS = sorted((Path(__file__).resolve().parents[1] / "tutorials").glob("*.ipynb"))
+
+
+def test_tutorials_exist():
+    assert len(TUTORIALS) >= 1, "no tutorial notebooks found in tutorials/"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
+def test_tutorial_runs(path, monkeypatch):
+    monkeypatch.setenv("CI", os.environ.get("CI", "true"))  # tutorials shrink their sizes under CI
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    nb = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                                     resources={"metadata": {"path": str(path.parent)}})
+    client.execute()
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+              if o.get("output_type") == "error"]
+    assert not errors, f"{path.name}: {errors[0]['ename']}: {errors[0]['evalue']}"
