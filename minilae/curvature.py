@@ -35,8 +35,8 @@ from .gradcheck import numerical_hessian
 from .layers import Layer
 from .losses import Bernoulli, Categorical, Gaussian, get_likelihood
 
-__all__ = ["MAX_PARAMS", "loss", "loss_gradient", "per_example_gradients", "hessian", "output_fisher",
-           "ggn", "fisher", "fisher_mc", "empirical_fisher", "curvature_matrices"]
+__all__ = ["MAX_PARAMS", "curvature_matrices", "empirical_fisher", "fisher", "fisher_mc", "ggn", "hessian", "loss",
+           "loss_gradient", "output_fisher", "per_example_gradients"]
 
 MAX_PARAMS = 5000
 """Largest P the dense routines accept (a P x P float64 matrix of 5000^2 entries is 200 MB)."""

@@ -4,11 +4,12 @@ import pytest
 import scipy.special
 
 from minilae import curvature as cv
-from minilae.backend import get_default_dtype, set_default_dtype
+from minilae.backend import asarray, cupy_available, get_default_dtype, set_backend, set_default_dtype, to_numpy
 from minilae.gradcheck import assert_close, relative_error
-from minilae.layers import Linear, Reshape, Sequential, Tanh
+from minilae.hessian import ggn_blocks, ggn_diagonal
+from minilae.layers import Linear, Sequential, Tanh
 from minilae.losses import Bernoulli, Categorical, Gaussian, Likelihood
-from minilae.models import mlp_autoencoder
+from minilae.models import conv_autoencoder, mlp_autoencoder
 
 SIGMA = 0.7
 NAMES = ["gaussian", "bernoulli", "categorical"]
@@ -252,6 +253,61 @@ def test_kunstner_linear_regression_fisher_step_reaches_optimum_empirical_fisher
         assert_close(theta - np.linalg.solve(F, grad), theta_star, 1e-10, "Fisher step")
         miss = np.linalg.norm(theta - np.linalg.solve(EF, grad) - theta_star)
         assert miss > 0.1 * np.linalg.norm(theta - theta_star)
+
+
+# ---------------------------------------------------------------------------------------------
+# consistency with the Hessian engine (minilae.hessian), which never forms J
+
+def make_engine_case(name):
+    if name != "conv":
+        return make_case(name)
+    rng = np.random.default_rng(6)
+    model = conv_autoencoder(input_shape=(1, 4, 4), latent_size=1, channels=(1, 2), hidden=(3,), seed=rng)
+    x = (rng.random((3, 1, 4, 4)) < 0.5).astype(np.float64)
+    return model, Bernoulli(), x, x
+
+
+@pytest.mark.parametrize("method", ["exact", "sqrt"])
+@pytest.mark.parametrize("name", NAMES + ["conv"])
+def test_dense_ggn_diagonal_matches_hessian_engine(name, method):
+    model, likelihood, x, y = make_engine_case(name)
+    G = cv.ggn(model, likelihood, x, y)
+    assert_close(ggn_diagonal(model, likelihood, x, y, method=method), np.diag(G), 1e-12, f"diag ({method})")
+
+
+@pytest.mark.parametrize("name", NAMES + ["conv"])
+def test_dense_ggn_blocks_match_hessian_engine(name):
+    model, likelihood, x, y = make_engine_case(name)
+    G = cv.ggn(model, likelihood, x, y)
+    slices = [s for s in model.param_slices() if s.stop > s.start]
+    blocks = ggn_blocks(model, likelihood, x, y)
+    assert len(blocks) == len(slices)
+    for i, (block, sl) in enumerate(zip(blocks, slices)):
+        assert_close(block, G[sl, sl], 1e-12, f"block of parametric layer {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# CuPy backend
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", NAMES)
+def test_cupy_matches_numpy(name):
+    ok, reason = cupy_available()
+    if not ok:
+        pytest.skip(f"CuPy backend unavailable: {reason}")
+    model, likelihood, x, y = make_case(name)
+    expected = cv.curvature_matrices(model, likelihood, x, y)
+    set_backend("cupy")
+    try:
+        model_gpu, _, _, _ = make_case(name)        # same seed -> same parameters, now on the GPU
+        x_gpu, y_gpu = asarray(x), asarray(y)
+        got = cv.curvature_matrices(model_gpu, likelihood, x_gpu, y_gpu, n_samples=10, rng=0)
+        for key, value in expected.items():
+            assert type(got[key]).__module__.startswith("cupy")
+            assert_close(to_numpy(got[key]), value, 1e-8 if key == "hessian" else 1e-12, key)
+        assert got["fisher_mc"].shape == value.shape
+    finally:
+        set_backend("numpy")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,6 +25,10 @@ CONV_CONFIGS = [
     (2, 3, 1, 1, 0, 3, 3, True),
     (1, 2, 3, 3, 2, 7, 7, True),
     (2, 2, 2, 1, 0, 4, 4, False),
+    # C_out < C_in at stride 1: J_in^T v runs as a convolution of v (the other code path)
+    (3, 2, 3, 1, 1, 5, 5, True),
+    (4, 1, (3, 2), 1, (2, 0), 4, 5, True),
+    (3, 1, 3, 1, 0, 5, 6, True),
 ]
 CONV_IDS = [f"c{c[0]}-{c[1]}_k{c[2]}_s{c[3]}_p{c[4]}_{c[5]}x{c[6]}{'' if c[7] else '_nobias'}"
             for c in CONV_CONFIGS]
@@ -177,6 +181,17 @@ def test_col2im_is_the_adjoint_of_im2col(cfg, rng):
     assert back.shape == (x.shape[0], 3) + x.shape[1:]
     for k in range(3):
         assert_close(np.sum(x * back[:, k]), np.sum(cols * D[:, k]), EXACT, "adjoint identity")
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONV_CONFIGS if c[3] == 1], ids=lambda c: f"{c}")  # all have p < k
+def test_conv_input_product_paths_agree(cfg, rng, monkeypatch):
+    """J_in^T v via col2im and via the flipped-kernel convolution of v (stride 1) are the same map."""
+    layer, x = make_conv(cfg, rng)
+    layer(x)
+    v = random_cotangent(rng, layer, x, K=2)
+    via_conv = layer._vjp_input_as_convolution(v)
+    monkeypatch.setattr(layer, "_transpose_is_a_convolution", lambda: False)
+    assert_close(via_conv, layer.vjp_input(v), EXACT, "two J_in^T v paths")
 
 
 def test_conv_accepts_non_contiguous_input(rng):

@@ -20,6 +20,24 @@ def _pair(v, name):
     return int(v[0]), int(v[1])
 
 
+def _pad(x, ph, pw):
+    """Zero-pad the two trailing (spatial) axes by ph rows and pw columns on each side."""
+    if ph == pw == 0:
+        return x
+    return array_module(x).pad(x, ((0, 0),) * (x.ndim - 2) + ((ph, ph), (pw, pw)))
+
+
+def _im2col_T(x_pad, kernel, stride, out_hw):
+    """colsT[b, (c, u, v), (h, w)] = x_pad[b, c, h*s + u, w*s + v]: (B, C*kh*kw, Ho*Wo), one copy."""
+    m = array_module(x_pad)
+    B, C = x_pad.shape[:2]
+    (kh, kw), (sh, sw), (Ho, Wo) = kernel, stride, out_hw
+    sB, sC, sH, sW = x_pad.strides
+    windows = m.lib.stride_tricks.as_strided(
+        x_pad, shape=(B, C, kh, kw, Ho, Wo), strides=(sB, sC, sH, sW, sH * sh, sW * sw))
+    return windows.reshape(B, C * kh * kw, Ho * Wo)
+
+
 class Conv2d(Layer):
     """y[o] = sum_c W[o, c] * x_pad[c] (strided cross-correlation) + b[o]."""
 
@@ -56,57 +74,80 @@ class Conv2d(Layer):
         return (self.out_channels, (H - kh) // sh + 1, (W - kw) // sw + 1)
 
     # ---- im2col -----------------------------------------------------------------------------
-    def _pad(self, x):
-        ph, pw = self.padding
-        if ph == pw == 0:
-            return x
-        m = array_module(x)
-        return m.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    # Internally the im2col matrix is kept transposed, colsT (B, C*kh*kw, L): building it copies
+    # whole image rows, the forward product W colsT lands directly in NCHW order, and col2im adds
+    # whole rows back. `im2col` and `layer._cols` expose the (B, L, C*kh*kw) layout of the paper as
+    # a transposed view of the same memory.
+    def _im2col_T(self, x):
+        """colsT for this layer's kernel, stride and padding: (B, C*kh*kw, L)."""
+        _, Ho, Wo = self.out_shape(tuple(x.shape[1:]))
+        return _im2col_T(_pad(x, *self.padding), self.kernel_size, self.stride, (Ho, Wo))
 
     def im2col(self, x):
         """cols[b, l, (c, u, v)] = x_pad[b, c, h*s + u, w*s + v] with l = (h, w): (B, L, C*kh*kw)."""
-        m = array_module(x)
-        xp_ = self._pad(x)
-        B, C = x.shape[:2]
-        _, Ho, Wo = self.out_shape(tuple(x.shape[1:]))
-        (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        sB, sC, sH, sW = xp_.strides
-        windows = m.lib.stride_tricks.as_strided(
-            xp_, shape=(B, Ho, Wo, C, kh, kw), strides=(sB, sH * sh, sW * sw, sC, sH, sW))
-        return windows.reshape(B, Ho * Wo, C * kh * kw)
+        return self._im2col_T(x).transpose(0, 2, 1)
 
-    def col2im(self, dcols, in_shape):
-        """The adjoint of im2col: scatter-add (..., L, C*kh*kw) back onto (..., C, H, W)."""
-        m = array_module(dcols)
-        lead = dcols.shape[:-2]
+    def _col2im_T(self, dcolsT, in_shape):
+        """Adjoint of _im2col_T: scatter-add (..., C*kh*kw, L) back onto (..., C, H, W)."""
+        m = array_module(dcolsT)
+        lead = dcolsT.shape[:-2]
         C, H, W = in_shape
         _, Ho, Wo = self.out_shape(tuple(in_shape))
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        d = dcols.reshape(lead + (Ho, Wo, C, kh, kw))
-        d = m.moveaxis(d, -3, -5)  # (..., C, Ho, Wo, kh, kw)
-        out = m.zeros(lead + (C, H + 2 * ph, W + 2 * pw), dtype=dcols.dtype)
+        d = dcolsT.reshape(lead + (C, kh, kw, Ho, Wo))
+        out = m.zeros(lead + (C, H + 2 * ph, W + 2 * pw), dtype=dcolsT.dtype)
         # one strided add per kernel offset (kh*kw of them), never per pixel
         for u in range(kh):
             for v in range(kw):
-                out[..., u:u + sh * (Ho - 1) + 1:sh, v:v + sw * (Wo - 1) + 1:sw] += d[..., u, v]
+                out[..., u:u + sh * (Ho - 1) + 1:sh, v:v + sw * (Wo - 1) + 1:sw] += d[..., u, v, :, :]
+        if ph == pw == 0:
+            return out
         return out[..., ph:ph + H, pw:pw + W]
+
+    def col2im(self, dcols, in_shape):
+        """The adjoint of im2col: scatter-add (..., L, C*kh*kw) back onto (..., C, H, W)."""
+        return self._col2im_T(array_module(dcols).swapaxes(dcols, -1, -2), in_shape)
 
     # ---- forward and products ---------------------------------------------------------------
     def _forward(self, x):
-        self._cols = self.im2col(x)
+        colsT = self._im2col_T(x)
+        self._cols = colsT.transpose(0, 2, 1)  # (B, L, C*kh*kw), a view
         B = x.shape[0]
         C_out, Ho, Wo = self.out_shape(tuple(x.shape[1:]))
-        y = self._cols @ self.weight.reshape(C_out, -1).T  # (B, L, C_out)
+        y = self.weight.reshape(C_out, -1) @ colsT  # (B, C_out, L): already NCHW
         if "bias" in self.param_names:
-            y = y + self.bias
-        return y.transpose(0, 2, 1).reshape(B, C_out, Ho, Wo)
+            y += self.bias[:, None]
+        return y.reshape(B, C_out, Ho, Wo)
 
     def _vjp_input(self, v):
-        """J_in^T v: col2im(v W) - a transposed convolution."""
+        """J_in^T v: col2im(W^T v) - a transposed convolution."""
+        if self._transpose_is_a_convolution():
+            return self._vjp_input_as_convolution(v)
         B, K, C_out = v.shape[:3]
-        vl = v.reshape(B, K, C_out, -1).transpose(0, 1, 3, 2)  # (B, K, L, C_out)
-        dcols = vl @ self.weight.reshape(C_out, -1)  # (B, K, L, C*kh*kw)
-        return self.col2im(dcols, tuple(self._x.shape[1:]))
+        dcolsT = self.weight.reshape(C_out, -1).T @ v.reshape(B, K, C_out, -1)  # (B, K, C*kh*kw, L)
+        return self._col2im_T(dcolsT, tuple(self._x.shape[1:]))
+
+    def _transpose_is_a_convolution(self):
+        """True when J_in^T v is cheaper as the convolution below than through col2im: stride 1,
+        padding < kernel, and the im2col matrix of v (C_out channels, H x W positions) is smaller
+        than dcols (C_in channels, H_out x W_out positions)."""
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        if self.stride != (1, 1) or ph >= kh or pw >= kw:
+            return False
+        H, W = self._x.shape[2:]
+        _, Ho, Wo = self.out_shape(tuple(self._x.shape[1:]))
+        return self.out_channels * H * W < self.in_channels * Ho * Wo
+
+    def _vjp_input_as_convolution(self, v):
+        """Stride 1: J_in^T v = v zero-padded by k - 1 - p, correlated with the kernel flipped in
+        space and with input and output channels swapped: g[c, i, j] = sum W[o, c, u, w] v[o, i+p-u, j+p-w]."""
+        B, K, C_out, Ho, Wo = v.shape
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
+        C, H, W = self._x.shape[1:]
+        v_pad = _pad(v.reshape(B * K, C_out, Ho, Wo), kh - 1 - ph, kw - 1 - pw)
+        colsT = _im2col_T(v_pad, (kh, kw), (1, 1), (H, W))  # (B K, C_out*kh*kw, H*W)
+        W_flip = self.weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, -1)  # (C, C_out*kh*kw)
+        return (W_flip @ colsT).reshape(B, K, C, H, W)
 
     def _vjp_params(self, v):
         """Per sample: dW[o, :] = sum_l v[o, l] cols[l, :], db[o] = sum_l v[o, l]."""
@@ -120,14 +161,14 @@ class Conv2d(Layer):
         return m.concatenate(parts, axis=2)
 
     def _vjp_params_sum(self, v):
-        """sum_b of the above as one matrix product over (batch, position)."""
+        """sum_b of the above: one product per sample, then the (small) results summed."""
         m = array_module(v)
         B, C_out = v.shape[:2]
-        vl = v.reshape(B, C_out, -1).transpose(1, 0, 2).reshape(C_out, -1)  # (C_out, B*L)
-        gW = vl @ self._cols.reshape(-1, self._cols.shape[-1])
+        vl = v.reshape(B, C_out, -1)
+        gW = (vl @ self._cols).sum(axis=0)  # (C_out, C*kh*kw)
         parts = [gW.ravel()]
         if "bias" in self.param_names:
-            parts.append(vl.sum(axis=1))
+            parts.append(vl.sum(axis=(0, 2)))
         return m.concatenate(parts)
 
     # ---- dense Jacobians --------------------------------------------------------------------

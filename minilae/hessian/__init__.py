@@ -1,0 +1,79 @@
+"""The Hessian engine: the GGN of the loss w.r.t. all parameters by backpropagating M (Algorithm 1, app. E.4).
+
+    M_L = H_out(f, y) = d^2 l / d f^2,   M_{l-1} = J_in^T M_l J_in,   G_{theta_l} = J_p^T M_l J_p,
+
+summed over the batch (or per sample), aligned with `model.get_params()`. Structures:
+  * `ggn_blocks`                       exact block-diagonal (full M, dense per-layer blocks; small nets);
+  * `ggn_diagonal(method='exact')`     full M, only the diagonal of each block;
+  * `ggn_diagonal(method='approx')`    only diag(M) travels (E.4.1): one squared backprop;
+  * `ggn_diagonal(method='mixed')`     full M where a feature size <= threshold, diagonal elsewhere;
+  * `ggn_diagonal(method='sqrt')`      exact, through M = S S^T where the factor is smaller;
+  * `estimate_cost`                    per-layer memory and FLOPs before running.
+"""
+from __future__ import annotations
+
+from ..backend import array_module
+from ..losses import get_likelihood
+from .approx import approx_diagonal, param_diag_from_diag, propagate_diag
+from .chain import MemoryBudgetError, check_memory, feature_shapes, forward_once, leaf_layers, resolve_budget, size
+from .cost import METHODS, CostTable, LayerCost, estimate_cost, plan_forms
+from .exact import exact_blocks, exact_diagonal, param_block, param_diag_from_full, propagate_full
+from .mixed import diag_of_propagated, full_from_diag, mixed_diagonal
+from .sqrt import sqrt_diagonal
+
+__all__ = ["ggn_diagonal", "ggn_blocks", "estimate_cost", "CostTable", "LayerCost", "MemoryBudgetError",
+           "METHODS", "propagate_full", "propagate_diag", "diag_of_propagated", "full_from_diag",
+           "param_diag_from_full", "param_diag_from_diag", "param_block"]
+
+
+def _prepare(model, likelihood, x, f):
+    layers = leaf_layers(model)
+    if not hasattr(x, "shape") or len(x.shape) < 2:
+        raise ValueError(f"x must be a batch (B, *in_shape); got {getattr(x, 'shape', type(x).__name__)}")
+    f = forward_once(model, x, f)
+    return layers, feature_shapes(layers, tuple(x.shape[1:])), get_likelihood(likelihood), f
+
+
+def _check_output(what, need_elements, f, budget):
+    check_memory(need_elements * f.dtype.itemsize, budget, what)
+
+
+def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_sample=False, f=None,
+                 memory_budget=None):
+    """diag(G) with G = sum_b J_b^T H_out(f_b, y_b) J_b: flat (P,), or (B, P) per sample.
+
+    method: 'approx' (diagonal M), 'exact' (full M), 'mixed' (full M where the feature size is
+    <= threshold), 'sqrt' (exact, through a square-root factor). `f` = the model's last forward output
+    on x (then the model is not run again). `memory_budget` in bytes (default: 80% of free memory);
+    a step that would exceed it raises MemoryBudgetError before allocating.
+    """
+    if method not in ("approx", "exact", "mixed", "sqrt"):
+        raise ValueError(f"unknown method {method!r}; choose 'approx', 'exact', 'mixed' or 'sqrt'")
+    layers, shapes, lik, f = _prepare(model, likelihood, x, f)
+    xp = array_module(f)
+    budget = resolve_budget(memory_budget, xp)
+    B, d = f.shape[0], size(f.shape[1:])
+    if method == "approx":
+        return approx_diagonal(layers, lik.hess_diag(f, y), per_sample)
+    if method == "mixed":
+        form = plan_forms("mixed", [d], threshold)[0][0]
+        if form == "diag":
+            return mixed_diagonal(layers, shapes, lik.hess_diag(f, y), threshold, budget, per_sample)
+        _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
+        return mixed_diagonal(layers, shapes, lik.hess(f, y), threshold, budget, per_sample)
+    if method == "sqrt":
+        _check_output(f"the output Hessian factor S ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
+        S = lik.hess_sqrt(f, y)  # (B, d, k)
+        V = S.transpose(0, 2, 1).reshape((B, S.shape[2]) + tuple(f.shape[1:]))
+        return sqrt_diagonal(layers, shapes, V, budget, per_sample)
+    _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
+    return exact_diagonal(layers, shapes, lik.hess(f, y), budget, per_sample)
+
+
+def ggn_blocks(model, likelihood, x, y, memory_budget=None, per_sample=False, f=None):
+    """Exact block-diagonal GGN: [J_p^T M_l J_p for each parametric layer l], each (P_l, P_l) or (B, P_l, P_l)."""
+    layers, shapes, lik, f = _prepare(model, likelihood, x, f)
+    budget = resolve_budget(memory_budget, array_module(f))
+    B, d = f.shape[0], size(f.shape[1:])
+    _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
+    return exact_blocks(layers, shapes, lik.hess(f, y), budget, per_sample)

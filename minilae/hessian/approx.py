@@ -1,0 +1,128 @@
+"""Approximate diagonal GGN (appendix E.4.1): only diag(M) travels backwards.
+
+Replacing M by its diagonal at every layer turns each step into one ordinary backprop with squared
+Jacobian entries:
+    m_in = diag(J_in^T diag(m) J_in) = (J_in * J_in)^T m,
+    diag(J_p^T diag(m) J_p) = (J_p * J_p)^T m.
+For a Conv2d the first is a transposed convolution with the element-wise squared kernel, the second the
+usual weight gradient with squared inputs. Layers whose Jacobian entries are 0 or 1 (max-pooling routes
+through the arg-max, nearest up-sampling copies) push m with their own J_in^T; element-wise layers scale
+by sigma'(x)^2. The result is exact wherever M really is diagonal, e.g. for a single Linear layer under a
+Gaussian likelihood; elsewhere the off-diagonal terms of M are dropped.
+"""
+from __future__ import annotations
+
+from functools import singledispatch
+
+from ..backend import array_module
+from ..layers import Conv2d, Dropout, Elementwise, Linear, MaxPool2d, Reshape, Upsample
+from .chain import concat_parts
+
+
+def unsupported(layer, what):
+    return TypeError(f"{what}: no rule for {type(layer).__name__}; supported layers are Linear, Conv2d, Tanh, "
+                     "ReLU, Sigmoid, MaxPool2d, Upsample, Flatten, Reshape, Dropout (and Sequential of them)")
+
+
+# ---- m_in = (J_in * J_in)^T m ------------------------------------------------------------------
+
+@singledispatch
+def propagate_diag(layer, m):
+    """m_in = diag(J_in^T diag(m) J_in) for m shaped like the layer output (B, *out) -> (B, *in)."""
+    raise unsupported(layer, "propagate_diag")
+
+
+@propagate_diag.register
+def _(layer: Linear, m):
+    """m_in = (W * W)^T m."""
+    return m @ layer.weight ** 2
+
+
+@propagate_diag.register
+def _(layer: Conv2d, m):
+    """m_in = transposed convolution of m with the squared kernel W * W."""
+    return conv_transpose(layer, m, layer.weight ** 2)
+
+
+@propagate_diag.register
+def _(layer: Elementwise, m):
+    """m_in = sigma'(x)^2 m."""
+    return layer.derivative(layer._x) ** 2 * m
+
+
+@propagate_diag.register
+def _(layer: Dropout, m):
+    """m_in = (mask / (1 - p))^2 m (m itself in evaluation mode)."""
+    return m if layer.scale is None else layer.scale ** 2 * m
+
+
+@propagate_diag.register(Reshape)
+@propagate_diag.register(MaxPool2d)
+@propagate_diag.register(Upsample)
+def _(layer, m):
+    """J_in has entries 0 and 1, so J_in * J_in = J_in: route (arg-max) / block-sum / reshape m."""
+    return layer.vjp_input(m)
+
+
+def conv_transpose(layer: Conv2d, v, weight):
+    """col2im(v W): the transposed convolution of v (B, C_out, H_out, W_out) with a kernel like layer.weight."""
+    B, C_out = v.shape[:2]
+    dcols = v.reshape(B, C_out, -1).transpose(0, 2, 1) @ weight.reshape(C_out, -1)  # (B, L, C_in k_h k_w)
+    return layer.col2im(dcols, tuple(layer._x.shape[1:]))
+
+
+# ---- diag(J_p^T diag(m) J_p) = (J_p * J_p)^T m --------------------------------------------------
+
+@singledispatch
+def param_diag_from_diag(layer, m, per_sample=False):
+    """diag(J_p^T diag(m) J_p): summed over the batch (P,) or per sample (B, P)."""
+    raise unsupported(layer, "param_diag_from_diag")
+
+
+@param_diag_from_diag.register
+def _(layer: Linear, m, per_sample=False):
+    """W[o, i]: m_o x_i^2;  b[o]: m_o."""
+    xp = array_module(m)
+    x2 = layer._x ** 2
+    if per_sample:
+        parts = [(m[:, :, None] * x2[:, None, :]).reshape(m.shape[0], -1)]
+    else:
+        parts = [(m.T @ x2).ravel()]
+    if "bias" in layer.param_names:
+        parts.append(m if per_sample else m.sum(axis=0))
+    return xp.concatenate(parts, axis=-1)
+
+
+@param_diag_from_diag.register
+def _(layer: Conv2d, m, per_sample=False):
+    """W[o, (c,u,v)]: sum_l m[o, l] cols[l, (c,u,v)]^2;  b[o]: sum_l m[o, l]."""
+    xp = array_module(m)
+    B, C_out = m.shape[:2]
+    cols2 = layer._cols ** 2  # (B, L, C k_h k_w)
+    ml = m.reshape(B, C_out, -1)
+    if per_sample:
+        parts = [(ml @ cols2).reshape(B, -1)]
+        if "bias" in layer.param_names:
+            parts.append(ml.sum(axis=2))
+    else:
+        flat = ml.transpose(1, 0, 2).reshape(C_out, -1)  # (C_out, B L): one product for the batch
+        parts = [(flat @ cols2.reshape(-1, cols2.shape[-1])).ravel()]
+        if "bias" in layer.param_names:
+            parts.append(flat.sum(axis=1))
+    return xp.concatenate(parts, axis=-1)
+
+
+# ---- the walk ---------------------------------------------------------------------------------
+
+def approx_diagonal(layers, m, per_sample=False):
+    """Algorithm 1 with diagonal M: m_L = diag(H_out), then per layer read off the parameter diagonal
+    and push m back. m is (B, *out); returns the flat (P,) or (B, P) diagonal."""
+    xp = array_module(m)
+    parts = []
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        if layer.num_params:
+            parts.append(param_diag_from_diag(layer, m, per_sample))
+        if i > 0:  # the network input needs no curvature
+            m = propagate_diag(layer, m)
+    return concat_parts(parts[::-1], per_sample, m.shape[0], m.dtype, xp)

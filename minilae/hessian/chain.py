@@ -1,0 +1,155 @@
+"""Shared pieces of the backward walk (Algorithm 1): the chain of layers, M's two forms, the memory budget.
+
+M is the Hessian of the loss w.r.t. one layer's output, per sample. It is held in one of two forms:
+  * full  (B, d, d)       in flattened-feature coordinates (d = number of features of the layer output);
+  * diag  (B, *shape)     only its diagonal, shaped like the features, so that a layer's own
+                           `vjp_input` can act on it directly.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+from ..backend import array_module
+from ..layers import Layer, Sequential
+
+CHUNK_BYTES = 64 * 2**20
+"""Largest temporary a chunked product may allocate (the M itself is budgeted separately)."""
+
+BUDGET_FRACTION = 0.8
+"""Share of the free memory the default budget allows, leaving room for the rest of the program."""
+
+
+class MemoryBudgetError(MemoryError):
+    """Raised *before* allocating when a step of the computation would exceed the memory budget."""
+
+
+def leaf_layers(model) -> list:
+    """The chain x_0 -> x_1 -> ... -> x_L as a flat list of layers (nested Sequentials unrolled)."""
+    if isinstance(model, Sequential):
+        return [leaf for layer in model.layers for leaf in leaf_layers(layer)]
+    if isinstance(model, Layer):
+        return [model]
+    raise TypeError(f"model must be a minilae Layer or Sequential, got {type(model).__name__}")
+
+
+def forward_once(model, x, f=None):
+    """f = model(x), or the given f of the model's last forward on x (checked, not recomputed)."""
+    if f is None:
+        return model.forward(x)
+    first = leaf_layers(model)[0]
+    if first._x is None or tuple(first._x.shape) != tuple(x.shape):
+        raise ValueError(f"f was given, so the model's caches must come from a forward pass on x of shape "
+                         f"{tuple(x.shape)}; run f = model(x) first (the model last saw "
+                         f"{None if first._x is None else tuple(first._x.shape)})")
+    expected = (x.shape[0],) + tuple(model.out_shape(tuple(x.shape[1:])))
+    if tuple(f.shape) != expected:
+        raise ValueError(f"f has shape {tuple(f.shape)}; the model maps x of shape {tuple(x.shape)} to {expected}")
+    return f
+
+
+def feature_shapes(layers, in_shape) -> list:
+    """Per-sample shapes of x_0, x_1, ..., x_L along the chain."""
+    shapes = [tuple(in_shape)]
+    for layer in layers:
+        shapes.append(tuple(layer.out_shape(shapes[-1])))
+    return shapes
+
+
+def size(shape) -> int:
+    """d = number of features of a per-sample shape."""
+    return int(math.prod(shape))
+
+
+# ---- the two forms of M -----------------------------------------------------------------------
+
+def diag_of(M, shape):
+    """diag(M) for M (B, d, d), returned shaped (B, *shape)."""
+    xp = array_module(M)
+    return xp.diagonal(M, axis1=1, axis2=2).reshape((M.shape[0],) + tuple(shape))
+
+
+def diag_matrix(m):
+    """diag(m) as a full (B, d, d) matrix, for m of shape (B, *shape)."""
+    xp = array_module(m)
+    flat = m.reshape(m.shape[0], -1)
+    B, d = flat.shape
+    M = xp.zeros((B, d, d), dtype=m.dtype)
+    idx = xp.arange(d)
+    M[:, idx, idx] = flat
+    return M
+
+
+def rows_as_features(M, shape):
+    """View the K rows of M (B, K, d) as K feature-shaped vectors (B, K, *shape) for a layer's vjp."""
+    return M.reshape(M.shape[:2] + tuple(shape))
+
+
+def vjp_rows(layer, V, workspace_per_row: int):
+    """J_in^T v for each of the K vectors in V (B, K, *out), in chunks of K so temporaries stay small.
+
+    `workspace_per_row` is the number of elements one vector's product allocates (for Conv2d the
+    im2col matrix, k_h k_w times the input); chunking bounds it by CHUNK_BYTES.
+    """
+    xp = array_module(V)
+    B, K = V.shape[:2]
+    step = max(1, int(CHUNK_BYTES // max(1, B * workspace_per_row * V.dtype.itemsize)))
+    if step >= K:
+        return layer.vjp_input(V)
+    first = layer.vjp_input(V[:, :step])
+    out = xp.empty((B, K) + first.shape[2:], dtype=first.dtype)
+    out[:, :step] = first
+    for k in range(step, K, step):  # a loop over memory-sized chunks, not over elements
+        out[:, k:k + step] = layer.vjp_input(V[:, k:k + step])
+    return out
+
+
+def concat_parts(parts, per_sample: bool, batch: int, dtype, xp):
+    """Concatenate per-layer parameter diagonals in layer order into the flat (P,) or (B, P) vector."""
+    if not parts:
+        return xp.zeros((batch, 0) if per_sample else (0,), dtype=dtype)
+    return xp.concatenate(parts, axis=-1)
+
+
+# ---- memory budget ----------------------------------------------------------------------------
+
+def free_memory(xp) -> int:
+    """Bytes free now: device memory for CuPy, MemAvailable (or free pages) of the host for NumPy."""
+    if xp.__name__.split(".")[0] == "cupy":
+        return int(xp.cuda.runtime.memGetInfo()[0])
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+def resolve_budget(memory_budget, xp) -> float:
+    """The budget in bytes: as given, or BUDGET_FRACTION of the free memory; inf disables the check."""
+    if memory_budget is None:
+        return BUDGET_FRACTION * free_memory(xp)
+    budget = float(memory_budget)
+    if not budget > 0:
+        raise ValueError(f"memory_budget must be a positive number of bytes (or None), got {memory_budget!r}")
+    return budget
+
+
+def format_bytes(n: float) -> str:
+    """1536 -> '1.5 KiB'."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(n) < 1024 or unit == "PiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} PiB"
+
+
+def check_memory(need_bytes: float, budget: float, what: str):
+    """Refuse (MemoryBudgetError) before a step whose arrays would need more than the budget."""
+    if need_bytes > budget:
+        raise MemoryBudgetError(
+            f"{what} would need {format_bytes(need_bytes)} ({int(need_bytes)} bytes), more than the memory "
+            f"budget of {format_bytes(budget)}. Use method='approx' or 'mixed' (or 'sqrt'), a smaller batch, "
+            f"or pass a larger memory_budget.")

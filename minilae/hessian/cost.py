@@ -1,0 +1,261 @@
+"""What the backward pass of M will cost, per layer, before running it (the paper's Table 1 made concrete).
+
+Walking back through layer l (input x_{l-1} with d_in features, output x_l with d_out) does two things:
+read the parameter diagonal (or block) off M_l, and push M_l to M_{l-1} = J_in^T M_l J_in. Their cost
+depends on the *form* of M on each side:
+
+  full   (B, d, d)     exact; memory B d^2, and a product through J_in costs B d_out d_in (d_out + d_in)
+                       for a dense layer - quadratic in the number of features;
+  diag   (B, d)        approximate (appendix E.4.1); memory B d, cost of one ordinary backprop;
+  sqrt   (B, k, d)     exact, M = S S^T with k columns; memory B k d, cost k backprops.
+
+The walkers in this package call `step_cost` before each step and refuse (MemoryBudgetError) when
+`peak_bytes` exceeds the budget, so the estimate below and the refusal always agree.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..backend import get_default_dtype, xp
+from ..layers import Conv2d, Dropout, Elementwise, Linear, MaxPool2d, Reshape, Upsample
+from .chain import CHUNK_BYTES, feature_shapes, format_bytes, leaf_layers, size
+
+METHODS = ("approx", "exact", "mixed", "sqrt", "block")
+
+
+# ---- which form M takes at each feature ------------------------------------------------------
+
+def plan_forms(method: str, sizes, threshold=None, k_out=None):
+    """Form of M at each feature x_0..x_L (with k for 'sqrt'), for the given method.
+
+    mixed: full where d <= threshold, diag elsewhere.
+    sqrt:  walking back, a full M is factored (k = d_out) when the chain widens, and a factor with
+           more columns than rows (k > d) is multiplied out into a full M: the smaller form wins.
+    """
+    L = len(sizes) - 1
+    if method in ("exact", "block"):
+        return [("full", None)] * (L + 1)
+    if method == "approx":
+        return [("diag", None)] * (L + 1)
+    if method == "mixed":
+        threshold = check_threshold(threshold)
+        return [("full" if d <= threshold else "diag", None) for d in sizes]
+    if method == "sqrt":
+        k = sizes[-1] if k_out is None else int(k_out)
+        forms = [None] * (L + 1)
+        forms[L] = ("sqrt", k) if k < sizes[-1] else ("full", None)
+        for i in range(L, 0, -1):
+            form, k = forms[i]
+            d_out, d_in = sizes[i], sizes[i - 1]
+            if form == "full":
+                forms[i - 1] = ("sqrt", d_out) if d_in > d_out else ("full", None)
+            else:
+                forms[i - 1] = ("full", None) if k > d_in else ("sqrt", k)
+        return forms
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+
+
+def check_threshold(threshold):
+    """A feature-size threshold for 'mixed': a number >= 0 (inf allowed)."""
+    if threshold is None:
+        raise ValueError("method='mixed' needs threshold=<feature size>: full M where a layer's feature "
+                         "size is <= threshold, diagonal M elsewhere (0 gives 'approx', inf gives 'exact')")
+    threshold = float(threshold)
+    if not threshold >= 0:
+        raise ValueError(f"threshold must be >= 0, got {threshold}")
+    return threshold
+
+
+# ---- geometry of one layer --------------------------------------------------------------------
+
+def _geometry(layer, in_shape, out_shape):
+    """Sizes the cost formulas need; vjp_flops / vjp_work are per vector pushed through J_in^T."""
+    d_in, d_out = size(in_shape), size(out_shape)
+    g = dict(d_in=d_in, d_out=d_out, P=layer.num_params, kind="pointwise", vjp_flops=d_in, vjp_work=d_in)
+    if isinstance(layer, Linear):
+        g.update(kind="linear", vjp_flops=2 * d_in * d_out)
+    elif isinstance(layer, Conv2d):
+        kh, kw = layer.kernel_size
+        sh, sw = layer.stride
+        L, Co, C = size(out_shape[1:]), layer.out_channels, layer.in_channels
+        CK = C * kh * kw
+        shifts = (2 * ((kh - 1) // sh) + 1) * (2 * ((kw - 1) // sw) + 1)
+        g.update(kind="conv", L=L, Co=Co, C=C, CK=CK, kk=kh * kw, shifts=shifts,
+                 vjp_flops=2 * L * Co * CK + L * CK, vjp_work=L * CK)
+    elif isinstance(layer, Upsample):
+        g.update(kind="upsample", vjp_flops=d_out, vjp_work=d_out)
+    elif isinstance(layer, (Elementwise, Dropout, Reshape, MaxPool2d)):
+        pass
+    else:
+        raise TypeError(f"no Hessian rules for {type(layer).__name__}; supported: Linear, Conv2d, Tanh, ReLU, "
+                        "Sigmoid, MaxPool2d, Upsample, Flatten, Reshape, Dropout (and Sequential of them)")
+    return g
+
+
+def _m_elements(form, k, d, B):
+    """Number of stored entries of M in a form."""
+    return {"full": B * d * d, "diag": B * d, "sqrt": B * (k or 0) * d}[form]
+
+
+# ---- cost of one step -------------------------------------------------------------------------
+
+@dataclass
+class LayerCost:
+    """One row of the table: layer l's step with M in form_out at its output and form_in passed back."""
+
+    index: int
+    layer: str
+    d_in: int
+    d_out: int
+    params: int
+    form_out: str
+    form_in: str
+    m_bytes: int
+    peak_bytes: int
+    flops: float
+    order: str
+
+
+def _param_cost(g, form, k, B, block):
+    """(flops, temporaries, order) of reading layer parameters' diagonal / block off M."""
+    P, d_out = g["P"], g["d_out"]
+    if P == 0:
+        return 0.0, 0, ""
+    if block:
+        return 2.0 * B * d_out * P * (P + d_out), P * P + 2 * B * d_out * P, "B d_out P^2"
+    if g["kind"] == "linear":  # only diag(M) enters a Linear layer's parameter diagonal
+        extra = B * (k or 1) * d_out if form == "sqrt" else 0
+        return 2.0 * B * P + extra, B * P, "B P"
+    L, Co, CK = g["L"], g["Co"], g["CK"]
+    if form == "diag":
+        return 2.0 * B * L * Co * CK + B * L * CK, B * L * CK + B * Co * CK, "B L C_out C_in k^2"
+    if form == "full":
+        return 2.0 * B * Co * L * L * CK, B * Co * L * (L + CK), "B C_out L^2 C_in k^2"
+    return 2.0 * B * k * L * Co * CK, B * Co * CK, "B k L C_out C_in k^2"
+
+
+def _propagation_cost(g, form_out, k_out, form_in, k_in, B, itemsize):
+    """(flops, temporaries, order) of M_out -> M_in through J_in."""
+    d_in, d_out, kind = g["d_in"], g["d_out"], g["kind"]
+    vf = g["vjp_flops"]
+    chunk = CHUNK_BYTES // itemsize
+    if form_out == "diag" and form_in == "diag":
+        return B * vf, B * g["vjp_work"], "B (one backprop)"
+    if form_out == "full" and form_in == "full":
+        if kind == "pointwise":
+            return 2.0 * B * d_out * d_out, B * d_out * d_out, "B d^2"
+        temp = 0 if kind == "linear" else min(B * d_out * g["vjp_work"], chunk)  # vjp_rows chunks
+        return B * (d_out + d_in) * vf, 2 * B * d_out * d_in + temp, _sandwich_order(kind)
+    if form_out == "full" and form_in == "diag":
+        if kind == "linear":
+            return B * d_out * vf, B * d_out * d_in, "B d_out^2 d_in"
+        if kind == "conv":
+            L, Co, CK = g["L"], g["Co"], g["CK"]
+            return (2.0 * g["shifts"] * B * L * Co * Co * CK, B * L * (Co * Co + Co * CK + CK),
+                    "B L C_out^2 C_in k^2 (2k-1)^2")
+        if kind == "upsample":
+            return B * (d_out + d_in) * vf, 2 * B * d_out * d_in + B * d_in * d_in, "B d_out d_in"
+        return float(B * d_out), B * d_in, "B d"
+    if form_out == "diag" and form_in == "full":
+        if kind == "linear":
+            return B * d_in * vf, B * d_in * d_out, "B d_out d_in^2"
+        if kind == "conv":
+            L, Co, C, CK = g["L"], g["Co"], g["C"], g["CK"]
+            return 2.0 * g["kk"] * B * L * Co * C * CK, B * L * C * CK + 2 * B * d_in * d_in, "B L C_out C_in^2 k^4"
+        return float(B * d_in), B * d_in * d_in, "B d"
+    # the square-root factor
+    if form_out == "sqrt" and form_in == "sqrt":
+        return B * k_out * vf, min(B * k_out * g["vjp_work"], chunk), "B k (one backprop)"
+    if form_out == "sqrt" and form_in == "full":
+        return (B * k_out * vf + 2.0 * B * k_out * d_in * d_in, B * k_out * d_in + min(B * k_out * g["vjp_work"], chunk),
+                "B k d_in^2")
+    if form_out == "full" and form_in == "sqrt":  # eigendecomposition M = U L U^T, then k = d_out backprops
+        return (10.0 * B * d_out ** 3 + B * d_out * vf, 2 * B * d_out * d_out + min(B * d_out * g["vjp_work"], chunk),
+                "B d_out^3 + B d_out (backprop)")
+    raise ValueError(f"no rule from form {form_out!r} to {form_in!r}")
+
+
+def _sandwich_order(kind):
+    return {"linear": "B d_out d_in (d_out + d_in)", "conv": "B (d_out + d_in) L C_out C_in k^2",
+            "upsample": "B d_out (d_out + d_in)"}.get(kind, "B d_out d_in (d_out + d_in)")
+
+
+def step_cost(layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index=0, block=False):
+    """LayerCost of one backward step; form_* are (form, k) pairs, form_in None for the first layer."""
+    g = _geometry(layer, in_shape, out_shape)
+    (fo, ko) = form_out
+    m_out = _m_elements(fo, ko, g["d_out"], batch)
+    flops, work, order = _param_cost(g, fo, ko, batch, block)
+    m_in, name_in = 0, "-"
+    if form_in is not None:
+        fi, ki = form_in
+        m_in = _m_elements(fi, ki, g["d_in"], batch)
+        pf, pw, porder = _propagation_cost(g, fo, ko, fi, ki, batch, itemsize)
+        flops += pf
+        work = max(work, pw)
+        order = porder if not order else f"{order}; {porder}"
+        name_in = _form_name(fi, ki)
+    return LayerCost(index=index, layer=repr(layer), d_in=g["d_in"], d_out=g["d_out"], params=g["P"],
+                     form_out=_form_name(fo, ko), form_in=name_in, m_bytes=m_out * itemsize,
+                     peak_bytes=(m_out + m_in + work) * itemsize, flops=float(flops), order=order)
+
+
+def _form_name(form, k):
+    return f"sqrt(k={k})" if form == "sqrt" else form
+
+
+# ---- the whole table --------------------------------------------------------------------------
+
+@dataclass
+class CostTable:
+    """Per-layer memory and time of one GGN computation; str() prints the table."""
+
+    method: str
+    batch_size: int
+    itemsize: int
+    rows: list = field(default_factory=list)
+    output_bytes: int = 0
+
+    @property
+    def peak_bytes(self) -> int:
+        """Largest single step (M on both sides plus temporaries)."""
+        return max([self.output_bytes] + [r.peak_bytes for r in self.rows])
+
+    @property
+    def total_flops(self) -> float:
+        """Sum of the steps' floating-point operations."""
+        return sum(r.flops for r in self.rows)
+
+    def __str__(self):
+        head = (f"GGN cost, method={self.method}, batch={self.batch_size}, {self.itemsize}-byte floats "
+                f"(layers from the output back to the input)")
+        cols = f"{'#':>3} {'layer':<34} {'d_in':>8} {'d_out':>8} {'M at out':>12} {'M bytes':>10} " \
+               f"{'peak':>10} {'FLOPs':>9}  order"
+        lines = [head, cols, "-" * len(cols)]
+        for r in self.rows:
+            lines.append(f"{r.index:>3} {r.layer[:34]:<34} {r.d_in:>8} {r.d_out:>8} {r.form_out:>12} "
+                         f"{format_bytes(r.m_bytes):>10} {format_bytes(r.peak_bytes):>10} {r.flops:>9.2e}  {r.order}")
+        lines.append(f"peak {format_bytes(self.peak_bytes)}, total {self.total_flops:.2e} FLOPs")
+        return "\n".join(lines)
+
+    def __repr__(self):
+        return str(self)
+
+
+def estimate_cost(model, input_shape, batch_size, method, threshold=None, dtype=None) -> CostTable:
+    """Per-layer bytes and FLOPs of ggn_diagonal (or 'block' for ggn_blocks), without running anything."""
+    if int(batch_size) != batch_size or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    layers = leaf_layers(model)
+    shapes = feature_shapes(layers, tuple(input_shape))
+    sizes = [size(s) for s in shapes]
+    forms = plan_forms(method, sizes, threshold)
+    itemsize = int(xp().dtype(dtype or get_default_dtype()).itemsize)
+    fo, ko = forms[-1]
+    table = CostTable(method=method, batch_size=int(batch_size), itemsize=itemsize,
+                      output_bytes=_m_elements(fo, ko, sizes[-1], int(batch_size)) * itemsize)
+    for i in range(len(layers) - 1, -1, -1):
+        table.rows.append(step_cost(layers[i], shapes[i], shapes[i + 1], int(batch_size), forms[i + 1],
+                                    forms[i] if i > 0 else None, itemsize, index=i, block=method == "block"))
+    return table
+

@@ -1,0 +1,426 @@
+"""python -m minilae.train - train a plain AE, a post-hoc LAE or an online LAE, evaluate, plot.
+
+Run with no flags to train the paper's online LAE (MLP, 2-D latent space, approximate diagonal
+GGN) on MNIST; ``--help`` lists every flag. A run writes into its output folder:
+
+  checkpoint.npz       weights, precision, optimiser/schedule state and config; rewritten
+                       (atomically) after every epoch, so ``--out DIR --resume`` continues a run
+  metrics.json         config, per-epoch history, final validation and out-of-distribution metrics
+  reconstructions.png  inputs / mean / variance of reconstructions (paper Fig. 8)
+  latent.png           latent codes over the decoder-variance heat-map (Fig. 1; 2-D latent only)
+
+The three methods: ``ae`` trains the mean network only (MAP); ``posthoc`` trains the same MAP
+network, then fits a diagonal Laplace posterior with the GGN over the whole training set and
+chooses the prior precision by the Laplace marginal likelihood; ``online`` is the LAE of the
+paper (eq. 10-11, see :mod:`minilae.online`).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np  # host-side: data subsets, metrics and plots
+
+from . import backend
+from .backend import BackendError, asarray, to_numpy
+from .data import DataError, load_dataset
+from .laplace import DiagonalLaplace
+from .models import build_model
+from .online import HESSIAN_METHODS, OnlineLaplace, default_alpha
+from .optim import Adam
+from .posthoc import fit_posthoc
+from .predictive import predict, predict_decoder
+from .training import (CheckpointError, MAPTrainer, TrainingDivergedError, check_signature, fit,
+                       load_checkpoint, model_signature, save_checkpoint)
+
+__all__ = ["main", "build_parser", "load_run", "DEFAULTS", "RUN_KEYS"]
+
+DATASETS = ("mnist", "fashionmnist")
+METHODS = ("ae", "posthoc", "online")
+CHECKPOINT = "checkpoint.npz"
+METRICS = "metrics.json"
+
+DEFAULTS = {
+    "backend": os.environ.get("MINILAE_BACKEND", "numpy") or "numpy", "dataset": "mnist", "model": "mlp",
+    "method": "online", "hessian": "approx", "threshold": None, "latent_size": 2, "epochs": 10,
+    "batch_size": 64, "lr": 1e-3, "alpha": "auto", "prior_precision": 1.0, "fix_prior": False,
+    "train_samples": 1, "samples": 100, "seed": 0, "out": None, "resume": False, "limit_train": None,
+    "limit_val": None, "ood_dataset": "auto", "dtype": "float32", "data_root": None, "lr_patience": 5,
+    "stop_patience": 8, "quiet": False, "no_plots": False,
+}
+# flags that define the trained model: a resumed run must keep them (the checkpoint's value is used)
+RUN_KEYS = ("dataset", "model", "method", "hessian", "threshold", "latent_size", "batch_size", "lr", "alpha",
+            "prior_precision", "fix_prior", "train_samples", "seed", "limit_train", "limit_val", "dtype",
+            "lr_patience", "stop_patience")
+
+
+# ----------------------------------------------------------------------------------------------
+# argument types with clear messages
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _nonneg_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _positive_float(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _alpha(text):
+    if text == "auto":
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}") from None
+    if not (0 < value <= 1):
+        raise argparse.ArgumentTypeError(f"alpha must lie in (0, 1], got {text}")
+    return value
+
+
+def build_parser(suppress_defaults=False):
+    """The command-line interface; with suppress_defaults only explicitly given flags appear in the result."""
+    def d(key):
+        return argparse.SUPPRESS if suppress_defaults else DEFAULTS[key]
+
+    p = argparse.ArgumentParser(
+        prog="python -m minilae.train",
+        description="Train a Laplacian autoencoder (Miani, Warburg et al., NeurIPS 2022) or its baselines on "
+                    "MNIST / FashionMNIST, then report validation MSE, log p(x) and predictive variances and "
+                    "save the paper's figures. With no flags: the online LAE (MLP, 2-D latent, approximate "
+                    "diagonal GGN) on MNIST for 10 epochs, about 5-10 minutes on 2 CPU cores "
+                    "(the training set's early stopping may end it sooner).",
+        epilog="Data are read from --data-root, else $MINILAE_DATA, else ~/.cache/minilae/data "
+               "(fetch them with `python datasets.py --root DIR`). Quick check: "
+               "python -m minilae.train --epochs 2 --limit-train 2000 --limit-val 500 --samples 20",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("what to train")
+    g.add_argument("--method", choices=METHODS, default=d("method"),
+                   help="ae: plain autoencoder (MAP); posthoc: MAP then a diagonal Laplace posterior with the prior "
+                        "precision from the marginal likelihood; online: the online LAE (eq. 10-11)")
+    g.add_argument("--dataset", type=str.lower, choices=DATASETS, default=d("dataset"), help="training data")
+    g.add_argument("--model", choices=("mlp", "conv"), default=d("model"),
+                   help="mlp: 784-512-256-latent MLP; conv: two conv+pool blocks and an MLP (mirrored decoders)")
+    g.add_argument("--latent-size", type=_positive_int, default=d("latent_size"),
+                   help="size of the latent code z (2 also draws the paper's Fig. 1)")
+    g.add_argument("--hessian", choices=HESSIAN_METHODS, default=d("hessian"),
+                   help="diagonal GGN of the Hessian engine (online and posthoc): exact, approx (diagonal "
+                        "backpropagation) or mixed (exact where the feature size <= --hessian-threshold)")
+    g.add_argument("--hessian-threshold", dest="threshold", type=_positive_int, default=d("threshold"),
+                   help="feature size up to which 'mixed' backpropagates the full matrix (default: the engine's)")
+    g = p.add_argument_group("optimisation (the paper's schedule: Adam, lr halved on a 5-epoch plateau, "
+                             "early stop after 8)")
+    g.add_argument("--epochs", type=_positive_int, default=d("epochs"), help="maximum number of epochs")
+    g.add_argument("--batch-size", type=_positive_int, default=d("batch_size"), help="images per minibatch")
+    g.add_argument("--lr", type=_positive_float, default=d("lr"), help="Adam learning rate")
+    g.add_argument("--lr-patience", type=_positive_int, default=d("lr_patience"),
+                   help="halve the lr after this many epochs without validation improvement")
+    g.add_argument("--stop-patience", type=_positive_int, default=d("stop_patience"),
+                   help="stop after this many epochs without validation improvement")
+    g.add_argument("--seed", type=_nonneg_int, default=d("seed"),
+                   help="seed of the initial weights, the shuffling and the weight samples")
+    g = p.add_argument_group("Laplace posterior")
+    g.add_argument("--alpha", type=_alpha, default=d("alpha"),
+                   help="online: forgetting rate of H_{t+1} = (1 - alpha) H_t + GGN(batch); 'auto' = batch size / "
+                        "training-set size, which makes H the full-data GGN with a memory of one epoch (the paper's "
+                        "alpha = lr = 1e-3 at B = 50 is the same value)")
+    g.add_argument("--prior-precision", type=_positive_float, default=d("prior_precision"),
+                   help="precision lambda of the prior N(0, 1/lambda); posthoc: the starting value of the "
+                        "marginal-likelihood optimisation")
+    g.add_argument("--fix-prior", action="store_true", default=d("fix_prior"),
+                   help="posthoc: keep --prior-precision instead of optimising it")
+    g.add_argument("--train-samples", type=_positive_int, default=d("train_samples"),
+                   help="online: weight samples per minibatch (Monte Carlo size of eq. 10-11)")
+    g.add_argument("--samples", type=_positive_int, default=d("samples"),
+                   help="networks sampled for the predictive mean/variance and log p(x)")
+    g = p.add_argument_group("data, output and running")
+    g.add_argument("--limit-train", type=_positive_int, default=d("limit_train"),
+                   help="use only the first N training images (quick runs, CI)")
+    g.add_argument("--limit-val", type=_positive_int, default=d("limit_val"),
+                   help="use only the first N of the 5000 validation images (and N out-of-distribution images)")
+    g.add_argument("--ood-dataset", type=str.lower, choices=("auto", "none") + DATASETS, default=d("ood_dataset"),
+                   help="out-of-distribution test images for the final evaluation; auto: the other dataset")
+    g.add_argument("--data-root", default=d("data_root"), help="data folder (default: $MINILAE_DATA, else "
+                                                             "~/.cache/minilae/data)")
+    g.add_argument("--backend", choices=backend.BACKENDS, default=d("backend"),
+                   help="array backend: numpy (CPU) or cupy (GPU); default from $MINILAE_BACKEND")
+    g.add_argument("--dtype", choices=("float32", "float64"), default=d("dtype"), help="parameter dtype")
+    g.add_argument("--out", default=d("out"),
+                   help="output folder (default: runs/<dataset>-<model>-<method>-<time>)")
+    g.add_argument("--resume", action="store_true", default=d("resume"),
+                   help="continue the run in --out from its checkpoint; flags that define the model must match "
+                        "the checkpoint (omitted ones are taken from it)")
+    g.add_argument("--quiet", action="store_true", default=d("quiet"),
+                   help="no progress bars and no per-epoch lines (errors and the final summary only)")
+    g.add_argument("--no-plots", action="store_true", default=d("no_plots"), help="skip the PNG figures")
+    return p
+
+
+# ----------------------------------------------------------------------------------------------
+# configuration
+
+class UsageError(ValueError):
+    """A combination of flags that cannot work (reported like argparse's own errors)."""
+
+
+def resolve_config(argv):
+    """(config dict, explicitly given keys) from the command line, merged with a checkpoint on --resume."""
+    args = vars(build_parser().parse_args(argv))
+    explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    if not args["resume"]:
+        return args, explicit, None
+    if args["out"] is None:
+        raise UsageError("--resume needs --out RUN_DIR, the folder of the run to continue")
+    path = Path(args["out"]) / CHECKPOINT
+    state, stored = load_checkpoint(path)
+    stored_args = stored.get("args")
+    if not isinstance(stored_args, dict):
+        raise CheckpointError(f"{path} holds no run configuration; it was not written by minilae.train")
+    conflicts = [f"--{k.replace('_', '-')}: checkpoint {stored_args.get(k)!r}, given {explicit[k]!r}"
+                 for k in RUN_KEYS if k in explicit and explicit[k] != stored_args.get(k)]
+    if conflicts:
+        raise CheckpointError(f"{path} belongs to a different run:\n  " + "\n  ".join(conflicts)
+                              + "\nDrop these flags to continue that run, or choose a new --out folder.")
+    config = {**DEFAULTS, **stored_args, **explicit, "resume": True, "out": args["out"]}
+    return config, explicit, (state, stored)
+
+
+def _out_dir(config):
+    if config["out"] is not None:
+        return Path(config["out"])
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    return Path("runs") / f"{config['dataset']}-{config['model']}-{config['method']}-{stamp}"
+
+
+def _load_images(name, split, limit, root):
+    x, y = load_dataset(name, split, root=root)
+    if limit is not None:
+        x, y = x[:limit], y[:limit]
+    return x, y
+
+
+def _make_trainer(config, model, n_train):
+    optimizer = Adam(lr=config["lr"])
+    if config["method"] in ("ae", "posthoc"):
+        return MAPTrainer(model, optimizer)
+    alpha = default_alpha(config["batch_size"], n_train) if config["alpha"] == "auto" else config["alpha"]
+    return OnlineLaplace(model, alpha, prior_precision=config["prior_precision"], hessian=config["hessian"],
+                         threshold=config["threshold"], n_samples=config["train_samples"], optimizer=optimizer)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluation and figures
+
+def _evaluation_rng(seed):
+    return backend.xp().random.default_rng(int(np.random.SeedSequence([int(seed), 2**31]).generate_state(1)[0]))
+
+
+def _posterior_summary(posterior):
+    if posterior is None:
+        return None
+    precision = posterior.precision
+    return {"prior_precision": posterior.prior_precision, "precision_min": float(precision.min()),
+            "precision_max": float(precision.max()), "variance_mean": float(posterior.variance.mean()),
+            "num_params": posterior.num_params}
+
+
+def evaluate(model, posterior, x, n_samples, seed):
+    """Prediction over host images x with n_samples networks (one deterministic net without a posterior)."""
+    return predict(model, x, posterior, n_samples=n_samples, rng=_evaluation_rng(seed))
+
+
+def _figures(out, config, model, posterior, val, ood, val_labels, log):
+    files = []
+    groups = [(config["dataset"], val[0], to_numpy(val[1].x_mean), to_numpy(val[1].x_var))]
+    if ood is not None:
+        groups.append((ood[2], ood[0], to_numpy(ood[1].x_mean), to_numpy(ood[1].x_var)))
+    from .plots import latent_grid, plot_latent_variance, plot_reconstructions  # noqa: PLC0415 - matplotlib
+
+    files.append(plot_reconstructions(groups, out / "reconstructions.png",
+                                      title=f"{config['method']} {config['model']}: inputs, mean and variance"))
+    if model.latent_size == 2:
+        z = to_numpy(val[1].z_mean)
+        xs, ys, grid = latent_grid(z, n=40)
+        variance = None
+        if posterior is not None:
+            _, var = predict_decoder(model, grid, posterior, n_samples=config["samples"],
+                                     rng=_evaluation_rng(config["seed"] + 1))
+            variance = to_numpy(var.reshape(var.shape[0], -1).mean(axis=1))
+        files.append(plot_latent_variance(z, val_labels, xs, ys, variance, out / "latent.png",
+                                          title=f"{config['method']} {config['model']}: latent codes of "
+                                                f"{config['dataset']} validation images"))
+    for f in files:
+        log(f"wrote {f}")
+    return [str(f) for f in files]
+
+
+def _write_json(path, obj):
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=float))
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+def run(config, resumed=None, log=print, argv=None):
+    """Train, evaluate and plot as the config says; return the metrics dict."""
+    backend.set_backend(config["backend"])
+    backend.set_default_dtype(np.dtype(config["dtype"]))
+    out = _out_dir(config)
+    config = {**config, "out": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    quiet_log = log if not config["quiet"] else (lambda *a, **k: None)
+
+    x_train, _ = _load_images(config["dataset"], "train", config["limit_train"], config["data_root"])
+    x_val, y_val = _load_images(config["dataset"], "val", config["limit_val"], config["data_root"])
+    ood_name = ({"mnist": "fashionmnist", "fashionmnist": "mnist"}[config["dataset"]]
+                if config["ood_dataset"] == "auto" else config["ood_dataset"])
+    x_ood = None
+    if ood_name != "none":
+        x_ood, _ = _load_images(ood_name, "test", len(x_val), config["data_root"])
+
+    model = build_model(config["model"], x_train.shape[1:], config["latent_size"], seed=config["seed"])
+    signature = model_signature(model, config["model"])
+    ckpt_path = out / CHECKPOINT
+    resume_state = None
+    if resumed is not None:
+        resume_state, stored = resumed
+        check_signature(stored.get("signature", {}), signature, ckpt_path)
+    stored_config = {"args": {k: v for k, v in config.items() if k in DEFAULTS}, "signature": signature}
+    trainer = _make_trainer(config, model, len(x_train))
+    quiet_log(f"{config['method']} | {config['model']} | {config['dataset']} ({len(x_train)} train, {len(x_val)} val) "
+              f"| {model.num_params} parameters | backend {config['backend']} | output {out}")
+
+    start = time.perf_counter()
+    if resume_state is not None and resume_state.get("stage") == "done":
+        quiet_log("the checkpoint is of a finished run: evaluating it again")
+        trainer.load_state_dict(resume_state["trainer"])
+        state = resume_state
+    else:
+        state = fit(trainer, x_train, x_val, epochs=config["epochs"], batch_size=config["batch_size"],
+                    seed=config["seed"], lr_patience=config["lr_patience"], stop_patience=config["stop_patience"],
+                    checkpoint=ckpt_path, config=stored_config, resume=resume_state,
+                    progress=not config["quiet"], log=quiet_log)
+    train_time = time.perf_counter() - start
+
+    posthoc_info = None
+    if config["method"] == "online":
+        posterior = trainer.posterior()
+    elif config["method"] == "posthoc":
+        if state.get("posterior") is not None:
+            p = state["posterior"]
+            posterior = DiagonalLaplace(asarray(p["mean"]), asarray(p["ggn"]), p["prior_precision"])
+            posthoc_info = state.get("posthoc")
+        else:
+            quiet_log(f"post-hoc Laplace: {config['hessian']} diagonal GGN over {len(x_train)} training images")
+            posterior, posthoc_info = fit_posthoc(model, x_train, method=config["hessian"],
+                                                  threshold=config["threshold"],
+                                                  prior_precision=config["prior_precision"],
+                                                  optimize_prior=not config["fix_prior"],
+                                                  progress=not config["quiet"])
+            quiet_log(f"prior precision {posthoc_info['prior_precision']:.4g} "
+                      f"(log marginal likelihood {posthoc_info['log_marginal_likelihood']:.6g})")
+    else:
+        posterior = None
+    state = {**state, "stage": "done", "posthoc": posthoc_info,
+             "posterior": None if posterior is None or config["method"] != "posthoc" else
+             {"mean": posterior.mean, "ggn": posterior.ggn, "prior_precision": posterior.prior_precision}}
+    save_checkpoint(ckpt_path, state, stored_config)
+
+    n_samples = config["samples"] if posterior is not None else 1
+    quiet_log(f"evaluating with {n_samples} sampled network(s) on {len(x_val)} validation images"
+              + (f" and {len(x_ood)} {ood_name} images" if x_ood is not None else ""))
+    val_pred = evaluate(model, posterior, x_val, n_samples, config["seed"])
+    ood_pred = evaluate(model, posterior, x_ood, n_samples, config["seed"]) if x_ood is not None else None
+    metrics = {
+        "command": "python -m minilae.train " + " ".join(shlex.quote(a) for a in (argv or [])),
+        "config": config, "signature": signature, "history": state["history"],
+        "epochs_trained": state["epoch"], "best_epoch": (state["best"] or {}).get("epoch"),
+        "train_time_s": train_time, "posterior": _posterior_summary(posterior), "posthoc": posthoc_info,
+        "val": val_pred.summary(),
+        "ood": None if ood_pred is None else {"dataset": ood_name, **ood_pred.summary()},
+    }
+    if not config["no_plots"]:
+        metrics["figures"] = _figures(out, config, model, posterior, (x_val, val_pred),
+                                      None if ood_pred is None else (x_ood, ood_pred, ood_name), y_val, quiet_log)
+    _write_json(out / METRICS, metrics)
+    v = metrics["val"]
+    log(f"validation ({v['n_images']} images, {n_samples} networks): MSE of the mean reconstruction "
+        f"{v['mse']:.5f}, log p(x) {v['log_px']:.2f}, mean output variance {v['x_var']:.3g}"
+        + (f"; {ood_name}: mean output variance {metrics['ood']['x_var']:.3g}" if ood_pred is not None else ""))
+    log(f"results written to {out}/ ({METRICS}, {CHECKPOINT}"
+        + (", reconstructions.png" + (", latent.png" if model.latent_size == 2 else "") if not config["no_plots"]
+           else "") + ")")
+    return metrics
+
+
+def load_run(run_dir):
+    """(model, posterior or None, metrics-style config) of a finished or interrupted run folder."""
+    state, stored = load_checkpoint(Path(run_dir) / CHECKPOINT)
+    args, sig = stored["args"], stored["signature"]
+    backend.set_default_dtype(np.dtype(args["dtype"]))
+    model = build_model(sig["model"], tuple(sig["input_shape"]), sig["latent_size"], seed=args["seed"])
+    check_signature(sig, model_signature(model, sig["model"]), Path(run_dir) / CHECKPOINT)
+    trainer = state["trainer"]
+    model.set_params(asarray(trainer["theta"], dtype=model.get_params().dtype))
+    posterior = None
+    if state.get("posterior") is not None:
+        p = state["posterior"]
+        posterior = DiagonalLaplace(asarray(p["mean"]), asarray(p["ggn"]), p["prior_precision"])
+    elif trainer.get("H") is not None:
+        posterior = DiagonalLaplace(model.get_params(), asarray(trainer["H"], dtype=model.get_params().dtype),
+                                    trainer["prior_precision"])
+    return model, posterior, args
+
+
+def main(argv=None):
+    """Entry point; returns the exit status (0 ok, 1 runtime error, 2 usage error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        config, _, resumed = resolve_config(argv)
+        run(config, resumed, argv=argv)
+    except UsageError as err:
+        build_parser().print_usage(sys.stderr)
+        print(f"python -m minilae.train: error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, TrainingDivergedError, BackendError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; continue with the same command plus --resume (and --out if it was not given)",
+              file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Tests for minilae.laplace: the diagonal Laplace posterior and its marginal likelihood."""
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import scipy.stats
+
+from minilae import backend
+from minilae.gradcheck import assert_close, numerical_gradient
+from minilae.laplace import (DiagonalLaplace, log_marginal_likelihood, log_marginal_likelihood_grad,
+                             optimize_prior_precision)
+
+CUPY_OK, CUPY_REASON = backend.cupy_available()
+BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON))]
+
+
+def make_posterior(rng, P=40, prior_precision=2.0, xp=np):
+    """A posterior with a spread of GGN magnitudes, including unconstrained (G = 0) parameters."""
+    mean = rng.standard_normal(P)
+    ggn = rng.gamma(0.5, 50.0, size=P)
+    ggn[:5] = 0.0
+    return DiagonalLaplace(xp.asarray(mean), xp.asarray(ggn), prior_precision)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+@pytest.mark.parametrize("prior_precision", [0.5, 3.0])
+def test_samples_have_the_posterior_mean_and_variance(backend_name, prior_precision, rng):
+    backend.set_backend(backend_name)
+    xp = backend.xp()
+    post = make_posterior(rng, prior_precision=prior_precision, xp=xp)
+    n = 40000
+    samples = backend.to_numpy(post.sample(n, xp.random.default_rng(7)))
+    mean, var = backend.to_numpy(post.mean), 1.0 / (backend.to_numpy(post.ggn) + prior_precision)
+    assert samples.shape == (n, post.num_params)
+    # 5 standard errors per coordinate: a correct sampler fails this with probability ~ P * 6e-7
+    z_mean = (samples.mean(axis=0) - mean) / np.sqrt(var / n)
+    assert np.abs(z_mean).max() < 5
+    z_var = (samples.var(axis=0) / var - 1) / math.sqrt(2 / n)
+    assert np.abs(z_var).max() < 5
+    # unconstrained parameters keep exactly the prior variance
+    np.testing.assert_allclose(backend.to_numpy(post.variance)[:5], 1 / prior_precision, rtol=1e-15)
+
+
+def test_precision_is_ggn_plus_prior_and_bounded(rng):
+    post = make_posterior(rng, prior_precision=0.7)
+    np.testing.assert_array_equal(post.precision, post.ggn + 0.7)
+    assert (post.precision >= 0.7).all()
+    assert (post.variance > 0).all() and (post.variance <= 1 / 0.7).all()
+    np.testing.assert_allclose(post.std ** 2, post.variance, rtol=1e-14)
+
+
+def test_log_density_matches_scipy(rng):
+    post = make_posterior(rng)
+    thetas = post.mean + rng.standard_normal((3, post.num_params))
+    expected = scipy.stats.norm(post.mean, post.std).logpdf(thetas).sum(axis=1)
+    np.testing.assert_allclose(post.log_density(thetas), expected, rtol=1e-12)
+    assert post.log_density(thetas[0]) == pytest.approx(expected[0], rel=1e-12)
+
+
+@pytest.mark.parametrize("log_prior_precision", [-3.0, 0.0, 2.5])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_marginal_likelihood_gradient_matches_finite_differences(log_prior_precision, seed):
+    post = make_posterior(np.random.default_rng(seed))
+
+    def evidence(s):
+        return np.array([log_marginal_likelihood(s[0], post.mean, post.ggn, log_likelihood=-12.0)])
+
+    numeric = numerical_gradient(lambda s: evidence(s)[0:1], np.array([log_prior_precision]))
+    analytic = np.array([log_marginal_likelihood_grad(log_prior_precision, post.mean, post.ggn)])
+    assert_close(analytic, numeric, 1e-6, "d log p(D | lambda) / d log lambda")
+
+
+def test_marginal_likelihood_is_exact_for_linear_gaussian_regression(rng):
+    """y = X theta + N(0, 1): with orthogonal columns the GGN X^T X is diagonal and Laplace is exact."""
+    n, P, lam = 30, 5, 0.8
+    Q, _ = np.linalg.qr(rng.standard_normal((n, P)))
+    X = Q * rng.uniform(0.5, 3.0, size=P)  # orthogonal columns of different norms
+    y = X @ rng.standard_normal(P) + rng.standard_normal(n)
+    ggn = (X ** 2).sum(axis=0)  # diag(X^T X), exactly the full GGN here
+    theta_map = X.T @ y / (ggn + lam)  # MAP under the prior N(0, 1/lam)
+    log_lik = scipy.stats.norm(X @ theta_map, 1.0).logpdf(y).sum()
+    exact = scipy.stats.multivariate_normal(np.zeros(n), np.eye(n) + X @ X.T / lam).logpdf(y)
+    laplace = log_marginal_likelihood(math.log(lam), theta_map, ggn, log_lik)
+    assert laplace == pytest.approx(exact, rel=1e-12)
+
+
+def test_optimised_prior_precision_maximises_the_evidence(rng):
+    post = make_posterior(rng)
+    lam = post.optimize_prior_precision()
+    assert post.prior_precision == lam
+    assert abs(log_marginal_likelihood_grad(math.log(lam), post.mean, post.ggn)) < 1e-6 * post.num_params
+    reference = scipy.optimize.minimize_scalar(lambda s: -log_marginal_likelihood(s, post.mean, post.ggn),
+                                               bounds=(-10, 10), method="bounded", options={"xatol": 1e-10})
+    assert math.log(lam) == pytest.approx(reference.x, abs=1e-6)
+
+
+@pytest.mark.parametrize("init", [1e-6, 1.0, 1e6])
+def test_optimiser_converges_from_any_start(init, rng):
+    post = make_posterior(rng)
+    expected = optimize_prior_precision(post.mean, post.ggn, init=1.0)
+    assert optimize_prior_precision(post.mean, post.ggn, init=init) == pytest.approx(expected, rel=1e-8)
+
+
+def test_zero_mean_optimum_hits_the_upper_bound():
+    """theta* = 0: the evidence grows without bound in lambda, so the optimiser stops at its bound."""
+    lam = optimize_prior_precision(np.zeros(4), np.ones(4), bounds=(1e-3, 1e3))
+    assert lam == pytest.approx(1e3)
+
+
+@pytest.mark.parametrize("mean, ggn, prior, error, match", [
+    (np.zeros(3), -np.ones(3), 1.0, ValueError, "negative"),
+    (np.zeros(3), np.ones(4), 1.0, ValueError, "shape"),
+    (np.zeros((3, 1)), np.ones((3, 1)), 1.0, TypeError, "1-D"),
+    (np.zeros(3), np.array([1.0, np.nan, 1.0]), 1.0, ValueError, "non-finite"),
+    (np.zeros(3), np.ones(3), 0.0, ValueError, "prior_precision"),
+    (np.zeros(3), np.ones(3), "big", TypeError, "prior_precision"),
+    (np.zeros(3, dtype=int), np.ones(3), 1.0, TypeError, "floating"),
+])
+def test_bad_inputs_raise_clear_errors(mean, ggn, prior, error, match):
+    with pytest.raises(error, match=match):
+        DiagonalLaplace(mean, ggn, prior)
+
+
+def test_sample_and_log_density_validate_arguments(rng):
+    post = make_posterior(rng)
+    with pytest.raises(ValueError, match="n_samples"):
+        post.sample(0, np.random.default_rng(0))
+    with pytest.raises(ValueError, match="theta must have shape"):
+        post.log_density(np.zeros(post.num_params + 1))

@@ -1,0 +1,272 @@
+"""The two autoencoders: architecture, flat parameters, encode/decode, whole-model gradients
+against finite differences, and a plain AE whose reconstruction loss falls under Adam."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from minilae.gradcheck import assert_close, numerical_gradient, numerical_jacobian
+from minilae.layers import Conv2d, Flatten, Linear, MaxPool2d, Reshape, Sequential, Tanh, Upsample
+from minilae.losses import Gaussian
+from minilae.models import Autoencoder, build_model, conv_autoencoder, mlp_autoencoder
+from minilae.optim import Adam
+
+RTOL = 1e-6
+
+
+def linear_params(sizes):
+    """Weights and biases of a chain of Linear layers through `sizes`."""
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:]))
+
+
+def conv_params(c_in, c_out, k=3):
+    return c_out * c_in * k * k + c_out
+
+
+# ---- architecture --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("input_shape, latent, hidden", [((1, 28, 28), 2, (512, 256)), ((3, 4, 5), 3, (7,))])
+def test_mlp_autoencoder_architecture(input_shape, latent, hidden, rng):
+    model = mlp_autoencoder(input_shape, latent, hidden, seed=0)
+    d = int(np.prod(input_shape))
+    sizes = [d, *hidden, latent]
+    assert isinstance(model, Autoencoder) and model.input_shape == input_shape and model.latent_size == latent
+    assert model.num_params == linear_params(sizes) + linear_params(sizes[::-1])
+    linears = [layer for layer in model if isinstance(layer, Linear)]
+    assert [(l.in_features, l.out_features) for l in linears] == list(zip(sizes[:-1], sizes[1:])) + \
+        list(zip(sizes[::-1][:-1], sizes[::-1][1:]))
+    assert isinstance(model[0], Flatten) and isinstance(model[-1], Reshape)  # raw outputs, no squashing
+    assert sum(isinstance(layer, Tanh) for layer in model) == 2 * len(hidden)
+    x = rng.random((3,) + input_shape)
+    assert model(x).shape == x.shape
+    assert model.encode(x).shape == (3, latent)
+
+
+@pytest.mark.parametrize("input_shape, channels, hidden", [((1, 28, 28), (16, 32), (128, 64)),
+                                                           ((2, 8, 12), (3, 4), (6,))])
+def test_conv_autoencoder_architecture(input_shape, channels, hidden, rng):
+    model = conv_autoencoder(input_shape, 2, channels, hidden, seed=0)
+    C, H, W = input_shape
+    c1, c2 = channels
+    feat = c2 * (H // 4) * (W // 4)
+    sizes = [feat, *hidden, 2]
+    expected = (conv_params(C, c1) + conv_params(c1, c2) + linear_params(sizes)
+                + linear_params(sizes[::-1]) + conv_params(c2, c1) + conv_params(c1, C))
+    assert model.num_params == expected
+    kinds = [type(layer) for layer in model]
+    assert kinds[:7] == [Conv2d, Tanh, MaxPool2d, Conv2d, Tanh, MaxPool2d, Flatten]
+    assert kinds[-6:] == [Reshape, Upsample, Conv2d, Tanh, Upsample, Conv2d]
+    convs = [layer for layer in model if isinstance(layer, Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(C, c1), (c1, c2), (c2, c1), (c1, C)]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in convs)
+    shapes = model.shapes(input_shape)
+    assert shapes[model.n_encoder] == (2,) and shapes[-1] == input_shape
+    x = rng.random((2,) + input_shape)
+    assert model(x).shape == x.shape
+
+
+def test_paper_model_sizes():
+    """The MNIST models of the paper's setup: 784-512-256-2 MLP, 16/32-channel conv."""
+    assert mlp_autoencoder().num_params == 2 * (784 * 512 + 512 * 256 + 256 * 2) + 512 + 256 + 2 + 256 + 512 + 784
+    assert conv_autoencoder().num_params == (160 + 4640 + 1568 * 128 + 128 + 128 * 64 + 64 + 64 * 2 + 2
+                                             + 2 * 64 + 64 + 64 * 128 + 128 + 128 * 1568 + 1568 + 4624 + 145)
+
+
+def test_build_model_and_errors(rng):
+    assert build_model("mlp", (1, 8, 8), 3, seed=1).latent_size == 3
+    conv = build_model("conv", (1, 8, 8), 2, seed=1)
+    assert any(isinstance(layer, Conv2d) for layer in conv)
+    with pytest.raises(ValueError, match="unknown model 'resnet'; choose one of mlp, conv"):
+        build_model("resnet")
+    with pytest.raises(ValueError, match="multiples of 4"):
+        conv_autoencoder((1, 10, 12))
+
+
+def test_seed_makes_models_reproducible():
+    a, b, c = (conv_autoencoder((1, 8, 8), 2, (2, 3), (5,), seed=s) for s in (3, 3, 4))
+    assert np.array_equal(a.get_params(), b.get_params())
+    assert not np.array_equal(a.get_params(), c.get_params())
+
+
+# ---- flat parameters ------------------------------------------------------------------------------
+
+def test_flat_parameter_order(rng):
+    """Layer by layer; within Linear the weight (out, in) row by row, then the bias."""
+    model = mlp_autoencoder((1, 2, 3), 2, (4,), seed=0)
+    theta = model.get_params()
+    first = model[1]  # Flatten, then Linear(6, 4)
+    assert_close(theta[:6], first.weight[0], 0.0, "row 0 of the first weight")
+    assert_close(theta[6:12], first.weight[1], 0.0, "row 1 of the first weight")
+    assert_close(theta[24:28], first.bias, 0.0, "first bias after its weight")
+    start = 0
+    for layer, sl in zip(model, model.param_slices()):
+        assert sl.start == start
+        for p in layer.params:
+            assert_close(theta[start:start + p.size], p.ravel(), 0.0, repr(layer))
+            start += p.size
+    assert start == theta.size
+
+
+def test_flat_parameter_round_trip(rng):
+    model = conv_autoencoder((1, 8, 8), 2, (2, 3), (5,), seed=0)
+    theta = model.get_params()
+    theta[0] += 1.0  # get_params is a copy
+    assert model.get_params()[0] != theta[0]
+    new = rng.standard_normal(model.num_params)
+    model.set_params(new)
+    assert_close(model.get_params(), new, 0.0, "set then get")
+    assert_close(model[0].weight.ravel(), new[:model[0].weight.size], 0.0, "first conv weight")
+    assert_close(model[-1].bias, new[-1:], 0.0, "last conv bias ends the vector")
+
+
+# ---- encode / decode ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_encode_decode_compose_to_the_model(kind, rng):
+    model = build_model(kind, (1, 8, 8), 2, seed=0)
+    x = rng.random((3, 1, 8, 8))
+    z = model.encode(x)
+    assert z.shape == (3, 2)
+    assert_close(model.decode(z), model(x), 0.0, "decode(encode(x))")
+    assert model.encoder[0] is model[0] and model.decoder[0] is model[model.n_encoder]
+    assert len(model.encoder) + len(model.decoder) == len(model)
+    model.set_params(model.get_params() * 0.5)  # the halves share the layers (and parameters)
+    assert_close(model.decode(model.encode(x)), model(x), 0.0, "after set_params")
+
+
+# ---- whole-model derivatives ----------------------------------------------------------------------
+
+SMALL_MODELS = {
+    "mlp": lambda: mlp_autoencoder((1, 4, 4), 2, (5, 3), seed=0),
+    "conv": lambda: conv_autoencoder((1, 8, 8), 2, (2, 3), (6, 4), seed=0),
+    "conv_rgb_rect": lambda: conv_autoencoder((2, 4, 8), 3, (2, 2), (5,), seed=1),
+}
+
+
+@pytest.fixture(params=list(SMALL_MODELS), ids=list(SMALL_MODELS))
+def small_model(request):
+    return SMALL_MODELS[request.param]()
+
+
+def test_loss_gradient_matches_finite_differences(small_model, rng):
+    """grad_theta sum_b nll(f(x_b; theta), y_b) = sum_b J_p^T grad_f nll, by backprop."""
+    lik = Gaussian(sigma=0.7)
+    x = rng.random((3,) + small_model.input_shape)
+    f = small_model(x)
+    grad = small_model.vjp_params(lik.grad(f, x))
+    theta0 = small_model.get_params()
+
+    def loss(theta):
+        small_model.set_params(theta)
+        return lik.nll(small_model(x), x).sum()
+
+    expected = numerical_gradient(loss, theta0.copy())
+    small_model.set_params(theta0)
+    assert grad.shape == theta0.shape
+    assert_close(grad, expected, RTOL, "whole-model gradient")
+
+
+def test_input_gradient_matches_finite_differences(small_model, rng):
+    """J_in^T v through the whole model against v^T (central-difference Jacobian). (Differencing the
+    scalar nll instead would drown these small input gradients in the round-off of its constant.)"""
+    lik = Gaussian()
+    x = rng.random((2,) + small_model.input_shape)
+    y = rng.random(x.shape)
+    v = lik.grad(small_model(x), y)
+    g = small_model.vjp_input(v)
+    J = numerical_jacobian(lambda z: small_model(z), x.copy())  # (B d_out, B d_in)
+    assert_close(g, (v.reshape(-1) @ J).reshape(x.shape), RTOL, "gradient w.r.t. the input")
+
+
+def test_per_sample_gradients_sum_to_the_batch_gradient(small_model, rng):
+    lik = Gaussian()
+    x = rng.random((4,) + small_model.input_shape)
+    f = small_model(x)
+    v = lik.grad(f, x)
+    per_sample = small_model.vjp_params(v, per_sample=True)
+    assert per_sample.shape == (4, small_model.num_params)
+    assert_close(per_sample.sum(axis=0), small_model.vjp_params(v), 1e-12, "sum of per-sample gradients")
+    small_model(x[2:3])
+    assert_close(per_sample[2], small_model.vjp_params(v[2:3]), 1e-12, "one sample alone")
+
+
+def test_dense_model_jacobian_matches_finite_differences(rng):
+    """The whole conv AE's parameter Jacobian by the chain rule, against differences, and its
+    products with K vectors per sample."""
+    model = SMALL_MODELS["conv"]()
+    x = rng.random((2,) + model.input_shape)
+    J = model.jac_params(x)
+    theta0 = model.get_params()
+
+    def f(theta):
+        model.set_params(theta)
+        return model(x)
+
+    expected = numerical_jacobian(f, theta0.copy()).reshape(J.shape)
+    model.set_params(theta0)
+    assert_close(J, expected, RTOL, "model J_p")
+    model(x)
+    V = rng.standard_normal((2, 3) + model.input_shape)
+    assert_close(model.vjp_params(V, per_sample=True), np.einsum("bko,bop->bkp", V.reshape(2, 3, -1), J),
+                 1e-12, "J_p^T V")
+
+
+# ---- training -------------------------------------------------------------------------------------
+
+def blob_images(n, size, rng):
+    """Synthetic data with a 2-D latent: one Gaussian blob per image at a random position."""
+    centres = rng.uniform(0.25 * size, 0.75 * size, (n, 2))
+    grid = np.arange(size)
+    d2 = (grid[None, :, None] - centres[:, 0, None, None]) ** 2 + (grid[None, None, :] - centres[:, 1, None, None]) ** 2
+    return np.exp(-d2 / (2 * (size / 8) ** 2))[:, None]
+
+
+def train(model, x, steps, lr, batch, rng):
+    """Plain AE training: minimise sum_b nll(f(x_b), x_b) / B with Adam. Returns the mean squared
+    reconstruction error of the whole set before and after."""
+    lik = Gaussian()
+    opt = Adam(lr=lr)
+    theta = model.get_params()
+
+    def mse():
+        return float(np.mean((model(x) - x) ** 2))
+
+    before = mse()
+    for _ in range(steps):
+        xb = x[rng.choice(len(x), batch, replace=False)]
+        f = model(xb)
+        grad = model.vjp_params(lik.grad(f, xb)) / batch
+        opt.step(theta, grad)
+        model.set_params(theta)
+    return before, mse()
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_plain_autoencoder_learns_synthetic_blobs(kind, rng):
+    x = blob_images(256, 12, rng)
+    model = (mlp_autoencoder((1, 12, 12), 2, (64, 32), seed=0) if kind == "mlp"
+             else conv_autoencoder((1, 12, 12), 2, (4, 8), (32, 16), seed=0))
+    before, after = train(model, x, steps=60, lr=1e-2 if kind == "mlp" else 5e-3, batch=32, rng=rng)
+    assert after < 0.25 * before, f"reconstruction error only fell from {before:.4f} to {after:.4f}"
+    assert after < 0.5 * float(np.var(x)), "not better than reconstructing the mean image"
+
+
+def mnist_root():
+    root = os.environ.get("MINILAE_DATA")
+    return Path(root) if root and (Path(root) / "MNIST" / "raw").is_dir() else None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(mnist_root() is None, reason="real-data test: set MINILAE_DATA to a folder holding MNIST/raw")
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_plain_autoencoder_learns_mnist(kind, rng):
+    from minilae.data import load_dataset  # noqa: PLC0415
+    images, _ = load_dataset("mnist", "train", root=mnist_root())
+    x = images[rng.choice(len(images), 256, replace=False)].astype(np.float64)
+    model = build_model(kind, (1, 28, 28), 2, seed=0)
+    before, after = train(model, x, steps=30, lr=1e-3 if kind == "mlp" else 3e-3, batch=32, rng=rng)
+    assert after < 0.7 * before, f"reconstruction error only fell from {before:.4f} to {after:.4f}"
+    assert after < float(np.var(x)), "not better than a constant grey image"
