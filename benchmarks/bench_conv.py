@@ -38,18 +38,41 @@ def sync():
         xp().cuda.Stream.null.synchronize()
 
 
-def median_time(fn, repeats, warmup):
-    """Median wall-clock seconds of fn() over `repeats` runs after `warmup` untimed runs."""
+def median_times(fns, repeats, warmup):
+    """Median wall-clock seconds of each fn() over `repeats` rounds after `warmup` untimed rounds.
+    The functions take turns within a round, so a change in machine load hits them alike."""
     for _ in range(warmup):
-        fn()
+        for fn in fns:
+            fn()
     sync()
-    times = []
+    times = [[] for _ in fns]
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+        for fn, t in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            t.append(time.perf_counter() - t0)
+    return [float(np.median(t)) for t in times]
+
+
+def median_time(fn, repeats, warmup):
+    """Median wall-clock seconds of one function."""
+    return median_times([fn], repeats, warmup)[0]
+
+
+def time_by_layer_type(model, x, rng, repeats, warmup):
+    """Seconds of forward + both products per layer type (where the rest of the model's time goes)."""
+    totals, h = {}, x
+    for layer in model.layers:
+        y = layer.forward(h)
+        v = xp().asarray(rng.standard_normal(y.shape), dtype=y.dtype)
+        fns = [lambda layer=layer, h=h: layer.forward(h), lambda layer=layer, v=v: layer.vjp_input(v)]
+        if layer.num_params:
+            fns.append(lambda layer=layer, v=v: layer.vjp_params(v))
+        name = type(layer).__name__
+        totals[name] = totals.get(name, 0.0) + sum(median_times(fns, repeats, warmup))
+        h = y
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]))
 
 
 def conv_shapes(model, x):
@@ -74,6 +97,7 @@ def bench_dtype(dtype, batch, repeats, warmup, seed):
         return model.vjp_params(f - x)  # Gaussian likelihood gradient with sigma = 1
 
     t_model = median_time(forward_backward, repeats, warmup)
+    by_type = time_by_layer_type(model, x, rng, repeats, warmup)
 
     rows = []
     for layer, h in conv_shapes(model, x):
@@ -81,12 +105,12 @@ def bench_dtype(dtype, batch, repeats, warmup, seed):
         v = xp().asarray(rng.standard_normal(y.shape), dtype=dtype)
         B, L = h.shape[0], y.shape[2] * y.shape[3]
         M, K, N = B * L, layer.in_channels * layer.kernel_size[0] * layer.kernel_size[1], layer.out_channels
-        t_fwd = median_time(lambda: layer.forward(h), repeats, warmup)
-        t_in = median_time(lambda: layer.vjp_input(v), repeats, warmup)
-        t_par = median_time(lambda: layer.vjp_params(v), repeats, warmup)
         A = xp().asarray(rng.standard_normal((M, K)), dtype=dtype)
         Bm = xp().asarray(rng.standard_normal((K, N)), dtype=dtype)
-        t_mm = median_time(lambda: A @ Bm, repeats, warmup)
+        # the layer's products run at the input of its last forward, so forward goes first
+        t_fwd, t_in, t_par, t_mm = median_times(
+            [lambda: layer.forward(h), lambda: layer.vjp_input(v), lambda: layer.vjp_params(v), lambda: A @ Bm],
+            repeats, warmup)
         rows.append(dict(layer=repr(layer), M=M, K=K, N=N, flops=3 * 2 * M * N * K,
                          t_forward=t_fwd, t_vjp_input=t_in, t_vjp_params=t_par,
                          t_conv=t_fwd + t_in + t_par, t_matmul_x3=3 * t_mm))
@@ -104,12 +128,26 @@ def bench_dtype(dtype, batch, repeats, warmup, seed):
                 conv_flops=conv_flops, t_conv=t_conv, t_matmul=t_mm,
                 conv_gflops=conv_flops / t_conv / 1e9, matmul_gflops=conv_flops / t_mm / 1e9,
                 ratio=t_mm / t_conv, peak_matmul_gflops=2 * n**3 / t_peak / 1e9,
-                conv_share_of_model=t_conv / t_model)
+                conv_share_of_model=t_conv / t_model, t_by_layer_type=by_type)
+
+
+def other_runnable_tasks(samples=10, interval=0.05):
+    """Mean number of runnable tasks besides this one (Linux /proc/loadavg, field 4), sampled
+    while this process is idle: a busy machine makes every timing here unreliable."""
+    counts = []
+    for _ in range(samples):
+        try:
+            with open("/proc/loadavg") as f:
+                counts.append(int(f.read().split()[3].split("/")[0]) - 1)
+        except (OSError, ValueError, IndexError):
+            return None
+        time.sleep(interval)
+    return float(np.mean(counts))
 
 
 def machine_info():
     info = dict(python=platform.python_version(), numpy=np.__version__, machine=platform.machine(),
-                cpu_count=os.cpu_count(), backend=get_backend(),
+                cpu_count=os.cpu_count(), backend=get_backend(), other_runnable_before=other_runnable_tasks(),
                 env={k: v for k, v in os.environ.items()
                      if k.startswith(("OPENBLAS", "OMP_", "MKL_")) or k == "MINILAE_BACKEND"})
     try:
@@ -132,6 +170,8 @@ def print_report(res):
     print(f"conv layers: {res['conv_flops'] / 1e6:.0f} MFLOP in {res['t_conv'] * 1e3:.1f} ms = "
           f"{res['conv_gflops']:.1f} GFLOP/s; same-size plain matmuls {res['matmul_gflops']:.1f} GFLOP/s; "
           f"ratio {res['ratio']:.0%} (target >= 25%)")
+    print("forward + both products by layer type: "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in res["t_by_layer_type"].items()))
     print(f"conv layers are {res['conv_share_of_model']:.0%} of the model's forward+backward time; "
           f"1024^3 matmul: {res['peak_matmul_gflops']:.1f} GFLOP/s")
 
@@ -155,6 +195,11 @@ def main(argv=None):
           f"env {info['env'] or '{}'}")
     results = [bench_dtype(np.dtype(d).type, args.batch, args.repeats, args.warmup, args.seed)
                for d in args.dtypes]
+    info["other_runnable_after"] = other_runnable_tasks()
+    busy = max(info["other_runnable_before"] or 0.0, info["other_runnable_after"] or 0.0)
+    if busy >= 0.5:
+        print(f"WARNING: about {busy:.1f} other processes were running on {os.cpu_count()} CPUs; "
+              "these times are unreliable (BLAS threads suffer most). Re-run on a quiet machine.")
     for res in results:
         print_report(res)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,7 @@ Per minibatch x (B images of a training set of N):
 
   1. sample theta_s ~ q_t                                   (one sample by default, ``n_samples``)
   2. theta_{t+1} = theta_t - Adam(grad_theta mean_b -log p(x_b | theta) at theta_s)        (eq. 10)
-  3. H_{t+1}     = (1 - alpha) H_t + G_t,  G_t = diag GGN of the batch at theta_s             (eq. 11)
+  3. H_{t+1}     = (1 - alpha) H_t + (N / B) G_t,  G_t = diag GGN of the batch at theta_s  (eq. 11)
 
 Design choices, and why:
 
@@ -15,15 +15,20 @@ Design choices, and why:
   ``n_samples > 1``). It also costs no extra forward pass: the Hessian engine reuses the caches
   of the forward pass that produced the reconstruction for the gradient (``ggn_diagonal(..., f=f)``).
 
-* **How the batch term is scaled to the data set: by alpha, not by N / B.** G_t is the plain sum
-  over the B images of the batch. The recursion is an exponentially weighted sum whose stationary
-  value is H = E[G_t] / alpha, and the GGN of the whole training set is (N / B) E[G_t]. So with
-  ``alpha = B / N`` (:func:`default_alpha`, the default) H_t estimates the full-data GGN, and its
-  memory 1 / alpha = N / B steps is exactly one epoch: H_t is, approximately, the sum of the
-  last epoch's batch GGNs. A smaller alpha counts every image 1 / alpha * B / N times, i.e. it
-  tempers the posterior (narrower); a larger one widens it.
-  The paper sets alpha to the learning rate (1e-3) with B = 50 on N = 55000 images (their code's
-  "hessian memory factor" 1 - alpha = 0.999), and B / N = 9.1e-4 there: the same value, derived.
+* **How the batch term is scaled to the data set: by N / B.** G_t sums over the B images of the
+  batch, so (N / B) G_t is an unbiased estimate of the GGN of the whole training set (at theta_s);
+  the factor uses the actual size of each batch, so a short last batch is scaled correctly.
+
+* **The default alpha = 1e-3, and what it means.** The recursion is an exponentially weighted
+  sum, so its stationary value is H = GGN(all data) / alpha: every image is counted about
+  1 / alpha times, i.e. the posterior is *tempered* (made narrower) by the factor alpha, and the
+  memory is about 1 / alpha steps. alpha = 1 keeps only the current batch (no memory, plain
+  Laplace precision, noisy); the paper sets alpha to the learning rate, 1e-3 (the authors' code
+  calls 1 - alpha = 0.999 the "hessian memory factor"), which is our default. The tempering is what
+  makes the method work with the unit-variance Gaussian likelihood (plain MSE): that likelihood
+  assumes a pixel noise far larger than the real reconstruction error, so the untempered posterior
+  is much too wide - decoders sampled from it reconstruct visibly worse than the mean network and
+  training converges to a worse mean. ``benchmarks/bench_epochs.py --alpha-study`` measures it.
 
 * **How the prior keeps the precision positive.** The posterior precision is H_t + lambda with
   the prior precision lambda > 0 (default 1, as in the paper). H_0 >= 0, every G_t >= 0 (a
@@ -32,14 +37,14 @@ Design choices, and why:
   infinite. Weights that no data constrain (e.g. first-layer weights of always-black MNIST border
   pixels) keep the prior variance 1 / lambda - the source of the large output variance on
   out-of-distribution images. Each step checks that G_t is finite and >= 0 (round-off in the
-  'mixed' engine may give -1e-16-sized entries, which are clipped; anything larger is a bug and
+  'mixed' engine may give tiny negative entries, which are clipped; anything larger is a bug and
   raises), and stops with :class:`TrainingDivergedError` naming the step on any nan/inf.
 
 * **Start of the recursion.** With H_0 = 0 the first samples would come from the prior alone
   (standard deviation 1 / sqrt(lambda) = 1 per weight, far larger than the weights themselves),
-  wrecking the first updates. Instead H_0 = G_0 / alpha with G_0 the GGN of the first batch at the
-  initial mean: the recursion's stationary value for that batch, so q_0 is already a Laplace
-  approximation at theta_0 and H_t needs no warm-up.
+  wrecking the first updates. Instead H_0 = (N / B) G_0 / alpha with G_0 the GGN of the first
+  batch at the initial mean: the recursion's stationary value for that batch, so q_0 is already a
+  (tempered) Laplace approximation at theta_0 and H_t needs no warm-up.
 
 The gradient step uses the reconstruction term only (eq. 10); the prior enters through the
 precision. The loss is the mean over the batch of the per-image negative log-likelihood, so the
@@ -56,16 +61,11 @@ from .losses import Gaussian, get_likelihood
 from .optim import Adam
 from .training import CheckpointError, TrainingDivergedError, check_finite, reconstruction_stats
 
-__all__ = ["OnlineLaplace", "default_alpha", "HESSIAN_METHODS"]
+__all__ = ["OnlineLaplace", "DEFAULT_ALPHA", "HESSIAN_METHODS"]
 
-HESSIAN_METHODS = ("exact", "approx", "mixed")
-
-
-def default_alpha(batch_size, n_data):
-    """alpha = B / N: the forgetting rate at which H_t estimates the full-data GGN (memory of one epoch)."""
-    if int(batch_size) < 1 or int(n_data) < 1:
-        raise ValueError(f"batch_size and n_data must be positive, got {batch_size} and {n_data}")
-    return min(1.0, int(batch_size) / int(n_data))
+HESSIAN_METHODS = ("exact", "approx", "mixed", "sqrt")
+DEFAULT_ALPHA = 1e-3
+"""The paper's forgetting rate: alpha = the learning rate of Adam, 1e-3."""
 
 
 def _check_alpha(alpha):
@@ -80,13 +80,16 @@ class OnlineLaplace:
 
     method = "online"
 
-    def __init__(self, model, alpha, prior_precision=1.0, hessian="approx", threshold=None, n_samples=1,
-                 optimizer=None, likelihood=None):
+    def __init__(self, model, n_data, alpha=DEFAULT_ALPHA, prior_precision=1.0, hessian="approx", threshold=None,
+                 n_samples=1, optimizer=None, likelihood=None):
         if hessian not in HESSIAN_METHODS:
             raise ValueError(f"unknown Hessian method {hessian!r}; choose one of {', '.join(HESSIAN_METHODS)}")
         if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
             raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+        if isinstance(n_data, bool) or int(n_data) != n_data or n_data < 1:
+            raise ValueError(f"n_data (the training-set size N) must be a positive integer, got {n_data!r}")
         self.model = model
+        self.n_data = int(n_data)
         self.alpha = _check_alpha(alpha)
         self.prior_precision = float(prior_precision)
         if not (math.isfinite(self.prior_precision) and self.prior_precision > 0):
@@ -104,7 +107,7 @@ class OnlineLaplace:
         return DiagonalLaplace(self.theta, H, self.prior_precision)
 
     def batch_ggn(self, x, f):
-        """G = diag sum_b J_b^T H_out J_b at the model's current parameters (last forward gave f)."""
+        """(N / B) G, G = diag sum_b J_b^T H_out J_b at the model's current parameters (last forward gave f)."""
         G = ggn_diagonal(self.model, self.likelihood, x, x, method=self.hessian, threshold=self.threshold, f=f)
         check_finite("the batch GGN", G, self.t + 1)
         xp = array_module(G)
@@ -114,10 +117,10 @@ class OnlineLaplace:
             raise TrainingDivergedError(
                 f"at step {self.t + 1} the batch GGN has a negative diagonal entry ({float(G.min()):.3e}) "
                 "beyond round-off: the Hessian engine returned a non-PSD matrix")
-        return xp.maximum(G, 0)
+        return xp.maximum(G, 0) * (self.n_data / x.shape[0])
 
     def _initial_precision(self, x):
-        """H_0 = G_0 / alpha: the stationary value of eq. 11 for the first batch, at the initial mean."""
+        """H_0 = (N / B) G_0 / alpha: the stationary value of eq. 11 for the first batch, at the initial mean."""
         f = self.model.forward(x)
         check_finite("the reconstruction", f, self.t + 1)
         return self.batch_ggn(x, f) / self.alpha
@@ -146,7 +149,7 @@ class OnlineLaplace:
         G /= self.n_samples
         self.optimizer.step(self.theta, grad)
         self.model.set_params(self.theta)
-        # eq. 11, in place: H <- (1 - alpha) H + G
+        # eq. 11, in place: H <- (1 - alpha) H + (N / B) G
         self.H *= 1 - self.alpha
         self.H += G
         self.t += 1
@@ -165,9 +168,9 @@ class OnlineLaplace:
         self.model.set_params(self.theta)
 
     def state_dict(self):
-        """theta, H, step count, alpha and optimiser state."""
+        """theta, H, step count, alpha, N and optimiser state."""
         return {"theta": self.theta.copy(), "H": None if self.H is None else self.H.copy(), "t": self.t,
-                "alpha": self.alpha, "prior_precision": self.prior_precision,
+                "alpha": self.alpha, "n_data": self.n_data, "prior_precision": self.prior_precision,
                 "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, d):
@@ -178,6 +181,7 @@ class OnlineLaplace:
         self.restore({"theta": theta, "H": d.get("H")})
         self.t = int(d["t"])
         self.alpha = _check_alpha(d["alpha"])
+        self.n_data = int(d["n_data"])
         self.prior_precision = float(d["prior_precision"])
         self.optimizer.load_state_dict(d["optimizer"])
 

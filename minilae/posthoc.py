@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from .backend import asarray
+from .backend import array_module, asarray
 from .data import batches, n_batches
 from .hessian import ggn_diagonal
 from .laplace import DiagonalLaplace
@@ -55,7 +55,7 @@ def fit_posthoc(model, x_train, likelihood=None, method="approx", threshold=None
     """
     G, log_lik = dataset_ggn(model, x_train, likelihood, method, threshold, batch_size, progress)
     # ggn >= 0 is a property of the GGN; clip round-off of the 'mixed' engine like the online trainer
-    G = G.clip(0, None)
+    G = array_module(G).maximum(G, 0)
     posterior = DiagonalLaplace(model.get_params(), G, prior_precision)
     if optimize_prior:
         posterior.optimize_prior_precision()

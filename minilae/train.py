@@ -31,9 +31,10 @@ import numpy as np  # host-side: data subsets, metrics and plots
 from . import backend
 from .backend import BackendError, asarray, to_numpy
 from .data import DataError, load_dataset
+from .hessian import MemoryBudgetError
 from .laplace import DiagonalLaplace
 from .models import build_model
-from .online import HESSIAN_METHODS, OnlineLaplace, default_alpha
+from .online import DEFAULT_ALPHA, HESSIAN_METHODS, OnlineLaplace
 from .optim import Adam
 from .posthoc import fit_posthoc
 from .predictive import predict, predict_decoder
@@ -50,7 +51,7 @@ METRICS = "metrics.json"
 DEFAULTS = {
     "backend": os.environ.get("MINILAE_BACKEND", "numpy") or "numpy", "dataset": "mnist", "model": "mlp",
     "method": "online", "hessian": "approx", "threshold": None, "latent_size": 2, "epochs": 10,
-    "batch_size": 64, "lr": 1e-3, "alpha": "auto", "prior_precision": 1.0, "fix_prior": False,
+    "batch_size": 64, "lr": 1e-3, "alpha": DEFAULT_ALPHA, "prior_precision": 1.0, "fix_prior": False,
     "train_samples": 1, "samples": 100, "seed": 0, "out": None, "resume": False, "limit_train": None,
     "limit_val": None, "ood_dataset": "auto", "dtype": "float32", "data_root": None, "lr_patience": 5,
     "stop_patience": 8, "quiet": False, "no_plots": False,
@@ -95,20 +96,28 @@ def _positive_float(text):
 
 
 def _alpha(text):
-    if text == "auto":
-        return text
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a number in (0, 1], got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
     if not (0 < value <= 1):
         raise argparse.ArgumentTypeError(f"alpha must lie in (0, 1], got {text}")
     return value
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends '(default: X)' unless the help already says what happens by default or there is none."""
+
+    def _get_help_string(self, action):
+        if "default" in (action.help or "") or action.default in (None, False, argparse.SUPPRESS):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(suppress_defaults=False):
     """The command-line interface; with suppress_defaults only explicitly given flags appear in the result."""
     def d(key):
+        """The default shown and used for a flag (SUPPRESS: absent unless given)."""
         return argparse.SUPPRESS if suppress_defaults else DEFAULTS[key]
 
     p = argparse.ArgumentParser(
@@ -117,11 +126,11 @@ def build_parser(suppress_defaults=False):
                     "MNIST / FashionMNIST, then report validation MSE, log p(x) and predictive variances and "
                     "save the paper's figures. With no flags: the online LAE (MLP, 2-D latent, approximate "
                     "diagonal GGN) on MNIST for 10 epochs, about 5-10 minutes on 2 CPU cores "
-                    "(the training set's early stopping may end it sooner).",
+                    "(early stopping may end it sooner).",
         epilog="Data are read from --data-root, else $MINILAE_DATA, else ~/.cache/minilae/data "
                "(fetch them with `python datasets.py --root DIR`). Quick check: "
                "python -m minilae.train --epochs 2 --limit-train 2000 --limit-val 500 --samples 20",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=_HelpFormatter)
     g = p.add_argument_group("what to train")
     g.add_argument("--method", choices=METHODS, default=d("method"),
                    help="ae: plain autoencoder (MAP); posthoc: MAP then a diagonal Laplace posterior with the prior "
@@ -132,10 +141,11 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--latent-size", type=_positive_int, default=d("latent_size"),
                    help="size of the latent code z (2 also draws the paper's Fig. 1)")
     g.add_argument("--hessian", choices=HESSIAN_METHODS, default=d("hessian"),
-                   help="diagonal GGN of the Hessian engine (online and posthoc): exact, approx (diagonal "
-                        "backpropagation) or mixed (exact where the feature size <= --hessian-threshold)")
+                   help="diagonal GGN of the Hessian engine (online and posthoc): exact (full M backpropagated), "
+                        "approx (only diag M), mixed (full M where the feature size <= --hessian-threshold), "
+                        "sqrt (exact through a square-root factor of M: slower, but fits where exact does not)")
     g.add_argument("--hessian-threshold", dest="threshold", type=_positive_int, default=d("threshold"),
-                   help="feature size up to which 'mixed' backpropagates the full matrix (default: the engine's)")
+                   help="feature size up to which 'mixed' backpropagates the full matrix (required with --hessian mixed)")
     g = p.add_argument_group("optimisation (the paper's schedule: Adam, lr halved on a 5-epoch plateau, "
                              "early stop after 8)")
     g.add_argument("--epochs", type=_positive_int, default=d("epochs"), help="maximum number of epochs")
@@ -149,9 +159,9 @@ def build_parser(suppress_defaults=False):
                    help="seed of the initial weights, the shuffling and the weight samples")
     g = p.add_argument_group("Laplace posterior")
     g.add_argument("--alpha", type=_alpha, default=d("alpha"),
-                   help="online: forgetting rate of H_{t+1} = (1 - alpha) H_t + GGN(batch); 'auto' = batch size / "
-                        "training-set size, which makes H the full-data GGN with a memory of one epoch (the paper's "
-                        "alpha = lr = 1e-3 at B = 50 is the same value)")
+                   help="online: forgetting rate of H_{t+1} = (1 - alpha) H_t + (N/B) GGN(batch). H settles at "
+                        "GGN(all data) / alpha, a posterior tempered by alpha with a memory of ~1/alpha steps; "
+                        "the paper sets alpha to the learning rate (1e-3); 1 = current batch only, untempered")
     g.add_argument("--prior-precision", type=_positive_float, default=d("prior_precision"),
                    help="precision lambda of the prior N(0, 1/lambda); posthoc: the starting value of the "
                         "marginal-likelihood optimisation")
@@ -195,6 +205,8 @@ def resolve_config(argv):
     """(config dict, explicitly given keys) from the command line, merged with a checkpoint on --resume."""
     args = vars(build_parser().parse_args(argv))
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
+    if args["hessian"] == "mixed" and args["threshold"] is None and not args["resume"]:
+        raise UsageError("--hessian mixed needs --hessian-threshold N (full M where a layer's feature size <= N)")
     if not args["resume"]:
         return args, explicit, None
     if args["out"] is None:
@@ -231,9 +243,9 @@ def _make_trainer(config, model, n_train):
     optimizer = Adam(lr=config["lr"])
     if config["method"] in ("ae", "posthoc"):
         return MAPTrainer(model, optimizer)
-    alpha = default_alpha(config["batch_size"], n_train) if config["alpha"] == "auto" else config["alpha"]
-    return OnlineLaplace(model, alpha, prior_precision=config["prior_precision"], hessian=config["hessian"],
-                         threshold=config["threshold"], n_samples=config["train_samples"], optimizer=optimizer)
+    return OnlineLaplace(model, n_train, config["alpha"], prior_precision=config["prior_precision"],
+                         hessian=config["hessian"], threshold=config["threshold"], n_samples=config["train_samples"],
+                         optimizer=optimizer)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +280,7 @@ def _figures(out, config, model, posterior, val, ood, val_labels, log):
                                       title=f"{config['method']} {config['model']}: inputs, mean and variance"))
     if model.latent_size == 2:
         z = to_numpy(val[1].z_mean)
-        xs, ys, grid = latent_grid(z, n=40)
+        xs, ys, grid = latent_grid(z, n=40, margin=0.3)
         variance = None
         if posterior is not None:
             _, var = predict_decoder(model, grid, posterior, n_samples=config["samples"],
@@ -405,8 +417,10 @@ def load_run(run_dir):
 def main(argv=None):
     """Entry point; returns the exit status (0 ok, 1 runtime error, 2 usage error)."""
     argv = sys.argv[1:] if argv is None else list(argv)
+    config = {"out": "RUN_DIR"}
     try:
         config, _, resumed = resolve_config(argv)
+        config["out"] = str(_out_dir(config))
         run(config, resumed, argv=argv)
     except UsageError as err:
         build_parser().print_usage(sys.stderr)
@@ -415,9 +429,13 @@ def main(argv=None):
     except (DataError, CheckpointError, TrainingDivergedError, BackendError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except MemoryBudgetError as err:
+        print(f"error: {err}\nThe exact diagonal does not fit in memory for this model and batch size: use a "
+              "smaller --batch-size, --hessian sqrt (exact, slower) or --hessian approx / mixed.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
-        print("\ninterrupted; continue with the same command plus --resume (and --out if it was not given)",
-              file=sys.stderr)
+        print(f"\ninterrupted; continue from the last finished epoch with: python -m minilae.train "
+              f"--out {config['out']} --resume", file=sys.stderr)
         return 130
     return 0
 

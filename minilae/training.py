@@ -206,8 +206,11 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
         start, seen, sums = time.perf_counter(), 0, {}
         bar, it = _progress(batches(x_train, batch_size, rng=host_rng), steps_per_epoch,
                             f"epoch {epoch + 1}/{epochs}", progress)
-        for xb in it:
-            stats = trainer.step(asarray(xb, dtype=dtype), backend_rng)
+        for i, xb in enumerate(it):
+            try:
+                stats = trainer.step(asarray(xb, dtype=dtype), backend_rng)
+            except TrainingDivergedError as err:
+                raise TrainingDivergedError(f"epoch {epoch + 1}, batch {i + 1}/{steps_per_epoch}: {err}") from None
             seen += len(xb)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v * len(xb)

@@ -32,6 +32,9 @@ def test_input_is_not_modified_and_views_are_safe(rng):
     J = numerical_jacobian(lambda z: z.reshape(-1), x)
     assert np.array_equal(x, x0)
     assert_close(J, np.eye(6), 1e-8, "J of a view")
+    # perturbations go to a copy: a function that also reads the caller's x still sees it unchanged
+    J = numerical_jacobian(lambda z: z - x, x)
+    assert_close(J, np.eye(6), 1e-8, "J of z - x0")
 
 
 def test_gradient_and_hessian_of_a_quadratic(rng):

@@ -189,6 +189,9 @@ def test_conv_input_product_paths_agree(cfg, rng, monkeypatch):
     layer, x = make_conv(cfg, rng)
     layer(x)
     v = random_cotangent(rng, layer, x, K=2)
+    C_in, C_out, H, W = cfg[0], cfg[1], cfg[5], cfg[6]
+    Ho, Wo = layer.out_shape(x.shape[1:])[1:]
+    assert layer._transpose_is_a_convolution() == (C_out * H * W < C_in * Ho * Wo)  # the cheaper path
     via_conv = layer._vjp_input_as_convolution(v)
     monkeypatch.setattr(layer, "_transpose_is_a_convolution", lambda: False)
     assert_close(via_conv, layer.vjp_input(v), EXACT, "two J_in^T v paths")
@@ -492,8 +495,10 @@ def test_parameter_free_chain(rng):
 def test_dropout_eval_is_identity(rng):
     x = rng.standard_normal((4, 10))
     d = Dropout(0.5, seed=0)
-    d.train().eval()
+    d.train()(x)  # a training mask exists ...
+    d.eval()      # ... but evaluation mode ignores it, in the Jacobian as in forward
     assert not d.training
+    assert_close(d.jac_input(x), np.broadcast_to(np.eye(10), (4, 10, 10)), 0.0, "eval J_in = I")
     assert_close(d(x), x, 0.0, "eval mode")
     assert_close(d.jac_input(x), np.broadcast_to(np.eye(10), (4, 10, 10)), 0.0, "eval J_in = I")
 
@@ -528,6 +533,8 @@ def test_dropout_jacobian_at_the_drawn_mask(rng):
     assert_close(J, np.stack([np.diag(row) for row in y / x]), EXACT, "diag(m / (1 - p))")
     v = rng.standard_normal((3, 8))
     assert_close(d.vjp_input(v), v * y / x, EXACT, "J_in^T v at the drawn mask")
+    V = rng.standard_normal((3, 2, 8))
+    assert_close(d.vjp_input(V), V * (y / x)[:, None], EXACT, "K vectors per sample")
     assert d.jac_params(x).shape == (3, 8, 0)
     assert_close(d.vjp_input(v), v * y / x, EXACT, "jac_params drew no new mask")
 
@@ -553,6 +560,18 @@ def test_dropout_chain_jacobian_vs_fd_with_frozen_mask(rng):
     J_p = model.jac_params(x)  # draws a new mask; its products must use that same mask
     assert_close(model.vjp_params(v, per_sample=True), np.einsum("bo,bop->bp", v, J_p), EXACT,
                  "product after jac_params")
+
+
+def test_dropout_in_a_nested_chain_uses_one_mask(rng):
+    """A training-mode Dropout inside a nested Sequential: dense Jacobians and products agree."""
+    model = Sequential(Linear(4, 6, rng=rng), Sequential(Dropout(0.5, seed=3), Tanh()), Linear(6, 2, rng=rng))
+    model.train()
+    x = rng.standard_normal((3, 4))
+    v = rng.standard_normal((3, 2))
+    J_in = model.jac_input(x)
+    assert_close(model.vjp_input(v), np.einsum("bo,boi->bi", v, J_in), EXACT, "nested J_in^T v")
+    J_p = model.jac_params(x)
+    assert_close(model.vjp_params(v, per_sample=True), np.einsum("bo,bop->bp", v, J_p), EXACT, "nested J_p^T v")
 
 
 # ---- errors ----------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from minilae.backend import set_default_dtype
 from minilae.gradcheck import assert_close, numerical_gradient, numerical_jacobian
 from minilae.layers import Conv2d, Flatten, Linear, MaxPool2d, Reshape, Sequential, Tanh, Upsample
 from minilae.losses import Gaussian
@@ -264,9 +265,12 @@ def mnist_root():
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_plain_autoencoder_learns_mnist(kind, rng):
     from minilae.data import load_dataset  # noqa: PLC0415
+    set_default_dtype(np.float32)  # as training runs in practice (the fixture restores float64)
     images, _ = load_dataset("mnist", "train", root=mnist_root())
-    x = images[rng.choice(len(images), 256, replace=False)].astype(np.float64)
+    x = images[rng.choice(len(images), 256, replace=False)]
+    assert x.dtype == np.float32
     model = build_model(kind, (1, 28, 28), 2, seed=0)
+    assert model.get_params().dtype == np.float32
     before, after = train(model, x, steps=30, lr=1e-3 if kind == "mlp" else 3e-3, batch=32, rng=rng)
     assert after < 0.7 * before, f"reconstruction error only fell from {before:.4f} to {after:.4f}"
     assert after < float(np.var(x)), "not better than a constant grey image"

@@ -16,13 +16,13 @@ from ..backend import array_module
 from ..losses import get_likelihood
 from .approx import approx_diagonal, param_diag_from_diag, propagate_diag
 from .chain import MemoryBudgetError, check_memory, feature_shapes, forward_once, leaf_layers, resolve_budget, size
-from .cost import METHODS, CostTable, LayerCost, estimate_cost, plan_forms
+from .cost import DEFAULT_THRESHOLD, METHODS, CostTable, LayerCost, estimate_cost, plan_forms
 from .exact import exact_blocks, exact_diagonal, param_block, param_diag_from_full, propagate_full
 from .mixed import diag_of_propagated, full_from_diag, mixed_diagonal
 from .sqrt import sqrt_diagonal
 
 __all__ = ["ggn_diagonal", "ggn_blocks", "estimate_cost", "CostTable", "LayerCost", "MemoryBudgetError",
-           "METHODS", "propagate_full", "propagate_diag", "diag_of_propagated", "full_from_diag",
+           "METHODS", "DEFAULT_THRESHOLD", "propagate_full", "propagate_diag", "diag_of_propagated", "full_from_diag",
            "param_diag_from_full", "param_diag_from_diag", "param_block"]
 
 
@@ -43,9 +43,10 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
     """diag(G) with G = sum_b J_b^T H_out(f_b, y_b) J_b: flat (P,), or (B, P) per sample.
 
     method: 'approx' (diagonal M), 'exact' (full M), 'mixed' (full M where the feature size is
-    <= threshold), 'sqrt' (exact, through a square-root factor). `f` = the model's last forward output
-    on x (then the model is not run again). `memory_budget` in bytes (default: 80% of free memory);
-    a step that would exceed it raises MemoryBudgetError before allocating.
+    <= threshold, default DEFAULT_THRESHOLD = 512), 'sqrt' (exact, through a square-root factor).
+    f: the model's last forward output on x (then the model is not run again).
+    memory_budget: bytes (default: 80% of free memory); a step that would exceed it raises
+    MemoryBudgetError before allocating.
     """
     if method not in ("approx", "exact", "mixed", "sqrt"):
         raise ValueError(f"unknown method {method!r}; choose 'approx', 'exact', 'mixed' or 'sqrt'")
@@ -62,10 +63,7 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
         _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
         return mixed_diagonal(layers, shapes, lik.hess(f, y), threshold, budget, per_sample)
     if method == "sqrt":
-        _check_output(f"the output Hessian factor S ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
-        S = lik.hess_sqrt(f, y)  # (B, d, k)
-        V = S.transpose(0, 2, 1).reshape((B, S.shape[2]) + tuple(f.shape[1:]))
-        return sqrt_diagonal(layers, shapes, V, budget, per_sample)
+        return sqrt_diagonal(layers, shapes, lik, f, y, budget, per_sample)
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
     return exact_diagonal(layers, shapes, lik.hess(f, y), budget, per_sample)
 

@@ -12,6 +12,7 @@ Gaussian likelihood; elsewhere the off-diagonal terms of M are dropped.
 """
 from __future__ import annotations
 
+import copy
 from functools import singledispatch
 
 from ..backend import array_module
@@ -40,8 +41,12 @@ def _(layer: Linear, m):
 
 @propagate_diag.register
 def _(layer: Conv2d, m):
-    """m_in = transposed convolution of m with the squared kernel W * W."""
-    return conv_transpose(layer, m, layer.weight ** 2)
+    """m_in = transposed convolution of m with the squared kernel W * W.
+
+    J_in is the convolution matrix T with entries W[o, c, u, v], so T * T is the convolution with
+    W * W: the layer's own J_in^T product, run with the squared kernel, is exactly (T * T)^T m.
+    """
+    return twin(layer, weight=layer.weight ** 2).vjp_input(m)
 
 
 @propagate_diag.register
@@ -64,11 +69,11 @@ def _(layer, m):
     return layer.vjp_input(m)
 
 
-def conv_transpose(layer: Conv2d, v, weight):
-    """col2im(v W): the transposed convolution of v (B, C_out, H_out, W_out) with a kernel like layer.weight."""
-    B, C_out = v.shape[:2]
-    dcols = v.reshape(B, C_out, -1).transpose(0, 2, 1) @ weight.reshape(C_out, -1)  # (B, L, C_in k_h k_w)
-    return layer.col2im(dcols, tuple(layer._x.shape[1:]))
+def twin(layer, **replace):
+    """A shallow copy of the layer (sharing its forward caches) with some arrays replaced."""
+    other = copy.copy(layer)
+    other.__dict__.update(replace)
+    return other
 
 
 # ---- diag(J_p^T diag(m) J_p) = (J_p * J_p)^T m --------------------------------------------------
@@ -95,21 +100,12 @@ def _(layer: Linear, m, per_sample=False):
 
 @param_diag_from_diag.register
 def _(layer: Conv2d, m, per_sample=False):
-    """W[o, (c,u,v)]: sum_l m[o, l] cols[l, (c,u,v)]^2;  b[o]: sum_l m[o, l]."""
-    xp = array_module(m)
-    B, C_out = m.shape[:2]
-    cols2 = layer._cols ** 2  # (B, L, C k_h k_w)
-    ml = m.reshape(B, C_out, -1)
-    if per_sample:
-        parts = [(ml @ cols2).reshape(B, -1)]
-        if "bias" in layer.param_names:
-            parts.append(ml.sum(axis=2))
-    else:
-        flat = ml.transpose(1, 0, 2).reshape(C_out, -1)  # (C_out, B L): one product for the batch
-        parts = [(flat @ cols2.reshape(-1, cols2.shape[-1])).ravel()]
-        if "bias" in layer.param_names:
-            parts.append(flat.sum(axis=1))
-    return xp.concatenate(parts, axis=-1)
+    """W[o, (c,u,v)]: sum_l m[o, l] cols[l, (c,u,v)]^2;  b[o]: sum_l m[o, l].
+
+    J_p holds the im2col matrix `cols` (and ones for the bias), so J_p * J_p holds cols^2: the layer's
+    weight-gradient product run on the squared im2col matrix.
+    """
+    return twin(layer, _cols=layer._cols ** 2).vjp_params(m, per_sample=per_sample)
 
 
 # ---- the walk ---------------------------------------------------------------------------------

@@ -94,7 +94,7 @@ def vjp_rows(layer, V, workspace_per_row: int):
     xp = array_module(V)
     B, K = V.shape[:2]
     step = max(1, int(CHUNK_BYTES // max(1, B * workspace_per_row * V.dtype.itemsize)))
-    if step >= K:
+    if step >= K or workspace_per_row <= size(V.shape[2:]):  # no temporary larger than V itself: one call
         return layer.vjp_input(V)
     first = layer.vjp_input(V[:, :step])
     out = xp.empty((B, K) + first.shape[2:], dtype=first.dtype)

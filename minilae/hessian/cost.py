@@ -31,6 +31,7 @@ def plan_forms(method: str, sizes, threshold=None, k_out=None):
     mixed: full where d <= threshold, diag elsewhere.
     sqrt:  walking back, a full M is factored (k = d_out) when the chain widens, and a factor with
            more columns than rows (k > d) is multiplied out into a full M: the smaller form wins.
+           k_out is the number of columns of the likelihood's factor S of H_out.
     """
     L = len(sizes) - 1
     if method in ("exact", "block"):
@@ -43,7 +44,9 @@ def plan_forms(method: str, sizes, threshold=None, k_out=None):
     if method == "sqrt":
         k = sizes[-1] if k_out is None else int(k_out)
         forms = [None] * (L + 1)
-        forms[L] = ("sqrt", k) if k < sizes[-1] else ("full", None)
+        # the likelihood hands us a factor: keep it if it is smaller, or if the last layer widens
+        keep = k < sizes[-1] or (L > 0 and sizes[-2] > sizes[-1])
+        forms[L] = ("sqrt", k) if keep else ("full", None)
         for i in range(L, 0, -1):
             form, k = forms[i]
             d_out, d_in = sizes[i], sizes[i - 1]
@@ -55,20 +58,28 @@ def plan_forms(method: str, sizes, threshold=None, k_out=None):
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
 
 
+DEFAULT_THRESHOLD = 512
+"""Default feature size up to which 'mixed' keeps M full: the MLP layers around an autoencoder's
+bottleneck (512, 256, ..., latent) but none of its image-sized features (784 and up)."""
+
+
 def check_threshold(threshold):
-    """A feature-size threshold for 'mixed': a number >= 0 (inf allowed)."""
+    """A feature-size threshold for 'mixed': a number >= 0 (inf allowed); None gives DEFAULT_THRESHOLD."""
     if threshold is None:
-        raise ValueError("method='mixed' needs threshold=<feature size>: full M where a layer's feature "
-                         "size is <= threshold, diagonal M elsewhere (0 gives 'approx', inf gives 'exact')")
-    threshold = float(threshold)
+        return float(DEFAULT_THRESHOLD)
+    try:
+        threshold = float(threshold)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"threshold must be a number (a feature size), got {threshold!r}") from err
     if not threshold >= 0:
-        raise ValueError(f"threshold must be >= 0, got {threshold}")
+        raise ValueError(f"threshold must be a feature size >= 0 (0 gives 'approx', inf gives 'exact'), "
+                         f"got {threshold}")
     return threshold
 
 
 # ---- geometry of one layer --------------------------------------------------------------------
 
-def _geometry(layer, in_shape, out_shape):
+def geometry(layer, in_shape, out_shape):
     """Sizes the cost formulas need; vjp_flops / vjp_work are per vector pushed through J_in^T."""
     d_in, d_out = size(in_shape), size(out_shape)
     g = dict(d_in=d_in, d_out=d_out, P=layer.num_params, kind="pointwise", vjp_flops=d_in, vjp_work=d_in)
@@ -167,8 +178,8 @@ def _propagation_cost(g, form_out, k_out, form_in, k_in, B, itemsize):
     if form_out == "sqrt" and form_in == "sqrt":
         return B * k_out * vf, min(B * k_out * g["vjp_work"], chunk), "B k (one backprop)"
     if form_out == "sqrt" and form_in == "full":
-        return (B * k_out * vf + 2.0 * B * k_out * d_in * d_in, B * k_out * d_in + min(B * k_out * g["vjp_work"], chunk),
-                "B k d_in^2")
+        temp = B * k_out * d_in + min(B * k_out * g["vjp_work"], chunk)
+        return B * k_out * vf + 2.0 * B * k_out * d_in * d_in, temp, "B k d_in^2"
     if form_out == "full" and form_in == "sqrt":  # eigendecomposition M = U L U^T, then k = d_out backprops
         return (10.0 * B * d_out ** 3 + B * d_out * vf, 2 * B * d_out * d_out + min(B * d_out * g["vjp_work"], chunk),
                 "B d_out^3 + B d_out (backprop)")
@@ -182,7 +193,7 @@ def _sandwich_order(kind):
 
 def step_cost(layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index=0, block=False):
     """LayerCost of one backward step; form_* are (form, k) pairs, form_in None for the first layer."""
-    g = _geometry(layer, in_shape, out_shape)
+    g = geometry(layer, in_shape, out_shape)
     (fo, ko) = form_out
     m_out = _m_elements(fo, ko, g["d_out"], batch)
     flops, work, order = _param_cost(g, fo, ko, batch, block)

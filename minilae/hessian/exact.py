@@ -17,7 +17,7 @@ from ..backend import array_module
 from ..layers import Conv2d, Dropout, Elementwise, Linear, Reshape
 from .approx import param_diag_from_diag, unsupported
 from .chain import check_memory, concat_parts, diag_of, rows_as_features, size, vjp_rows
-from .cost import _geometry, step_cost
+from .cost import geometry, step_cost
 
 
 # ---- M_in = J_in^T M J_in ---------------------------------------------------------------------
@@ -31,7 +31,7 @@ def propagate_full(layer, M):
     """
     B, d_out = M.shape[:2]
     in_shape, out_shape = tuple(layer._x.shape[1:]), layer.out_shape(tuple(layer._x.shape[1:]))
-    work = _geometry(layer, in_shape, out_shape)["vjp_work"]
+    work = geometry(layer, in_shape, out_shape)["vjp_work"]
     A = vjp_rows(layer, rows_as_features(M, out_shape), work).reshape(B, d_out, -1)  # M J_in
     A_t = A.transpose(0, 2, 1).reshape((B, A.shape[2]) + tuple(out_shape))  # columns of M J_in
     del A

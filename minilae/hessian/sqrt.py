@@ -18,7 +18,7 @@ from ..backend import array_module
 from ..layers import Linear
 from .approx import param_diag_from_diag
 from .chain import CHUNK_BYTES, check_memory, concat_parts, size, vjp_rows
-from .cost import _geometry, plan_forms, step_cost
+from .cost import geometry, plan_forms, step_cost
 from .exact import param_diag_from_full, propagate_full
 
 
@@ -54,12 +54,24 @@ def _(layer: Linear, V, per_sample=False):
     return param_diag_from_diag(layer, (V ** 2).sum(axis=1), per_sample)
 
 
-def sqrt_diagonal(layers, shapes, V, budget, per_sample=False):
-    """Exact diagonal GGN, walking back with V (B, k, *out) = S^T or a full M, whichever is smaller."""
-    xp = array_module(V)
-    B, k = V.shape[:2]
-    forms = plan_forms("sqrt", [size(s) for s in shapes], k_out=k)
-    M = full_of(V) if forms[-1][0] == "full" else V
+def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):
+    """Exact diagonal GGN, walking back with V (B, k, *out) = S^T or a full M, whichever is smaller.
+
+    Starts from the likelihood's factor S of H_out (k = d columns for Gaussian, Bernoulli, Categorical),
+    or from H_out itself where the plan starts with a full M.
+    """
+    xp = array_module(f)
+    B, d = f.shape[0], size(f.shape[1:])
+    forms = plan_forms("sqrt", [size(s) for s in shapes], k_out=d)
+    check_memory(B * d * d * f.dtype.itemsize, budget, f"the output Hessian ({d} x {d} per sample, batch {B})")
+    if forms[-1][0] == "full":
+        M = likelihood.hess(f, y)
+    else:
+        S = likelihood.hess_sqrt(f, y)  # (B, d, k)
+        M = S.transpose(0, 2, 1).reshape((B, S.shape[2]) + tuple(f.shape[1:]))
+        if S.shape[2] != d:  # a factor with other than d columns: plan again with its k
+            forms = plan_forms("sqrt", [size(s) for s in shapes], k_out=S.shape[2])
+            M = full_of(M) if forms[-1][0] == "full" else M
     parts = []
     for i in range(len(layers) - 1, -1, -1):
         layer, (form, _) = layers[i], forms[i + 1]
@@ -72,7 +84,7 @@ def sqrt_diagonal(layers, shapes, V, budget, per_sample=False):
             parts.append(read_off(layer, M, per_sample))
         if i == 0:
             break
-        work = _geometry(layer, shapes[i], shapes[i + 1])["vjp_work"]
+        work = geometry(layer, shapes[i], shapes[i + 1])["vjp_work"]
         if form == "full" and forms[i][0] == "full":
             M = propagate_full(layer, M)
         elif form == "full":  # the chain widens: factor, then push the d_out columns
@@ -81,4 +93,4 @@ def sqrt_diagonal(layers, shapes, V, budget, per_sample=False):
             M = vjp_rows(layer, M, work)
             if forms[i][0] == "full":
                 M = full_of(M)
-    return concat_parts(parts[::-1], per_sample, B, V.dtype, xp)
+    return concat_parts(parts[::-1], per_sample, B, f.dtype, xp)

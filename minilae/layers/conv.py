@@ -4,6 +4,8 @@ The computation is im2col: every kh x kw window of the padded input becomes a ro
 `cols` of shape (B, L, C_in*kh*kw), L = H_out*W_out, so the layer is one matrix product
 y = cols W^T + b. The same matrix gives both Jacobians (appendix E of the paper):
 J_p is `cols` itself (block-diagonal over output channels) and J_in^T scatters back ("col2im").
+At stride 1 the same J_in^T v is also a plain convolution of v with the flipped kernel; the layer
+takes that route when it moves less memory (fewer output than input channels).
 """
 from __future__ import annotations
 
@@ -140,7 +142,7 @@ class Conv2d(Layer):
 
     def _vjp_input_as_convolution(self, v):
         """Stride 1: J_in^T v = v zero-padded by k - 1 - p, correlated with the kernel flipped in
-        space and with input and output channels swapped: g[c, i, j] = sum W[o, c, u, w] v[o, i+p-u, j+p-w]."""
+        space and with input and output channels swapped: g[c, i, j] = sum_{o,u,t} W[o, c, u, t] v[o, i+p-u, j+p-t]."""
         B, K, C_out, Ho, Wo = v.shape
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
         C, H, W = self._x.shape[1:]

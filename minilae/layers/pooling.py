@@ -38,29 +38,33 @@ class MaxPool2d(Layer):
             raise ValueError(f"{self!r}: input {H}x{W} is smaller than the window {self.k}x{self.k}")
         return (C, H // self.k, W // self.k)
 
-    def _windows(self, x):
-        """(B, C, Ho, Wo, k*k) view of the windows (trailing rows/columns dropped, as PyTorch)."""
-        B, C, H, W = x.shape
+    def _offsets(self, H, W):
+        """The k*k strided views' slices, one per window offset (u, v), in window order u*k + v."""
         k, Ho, Wo = self.k, H // self.k, W // self.k
-        win = x[:, :, :Ho * k, :Wo * k].reshape(B, C, Ho, k, Wo, k)
-        return win.transpose(0, 1, 2, 4, 3, 5).reshape(B, C, Ho, Wo, k * k)
+        return [(slice(u, Ho * k, k), slice(v, Wo * k, k)) for u in range(k) for v in range(k)]
 
     def _forward(self, x):
-        win = self._windows(x)
-        self._argmax = win.argmax(axis=-1)
-        return win.max(axis=-1)
+        # a running max over the k*k offsets: k*k passes over strided views, never a window copy
+        m = array_module(x)
+        offsets = self._offsets(*x.shape[2:])
+        best = x[(Ellipsis,) + offsets[0]]
+        arg = m.zeros(best.shape, dtype=m.int64)
+        for i, sl in enumerate(offsets[1:], start=1):
+            cand = x[(Ellipsis,) + sl]
+            better = cand > best  # strict: ties keep the first offset, as argmax does
+            best = m.where(better, cand, best)
+            arg = m.where(better, i, arg)
+        self._argmax = arg
+        return best
 
     def _vjp_input(self, v):
         """J_in^T v: each v lands on the arg-max of its window, zeros elsewhere."""
         m = array_module(v)
-        B, K, C, Ho, Wo = v.shape
-        k = self.k
-        hit = m.arange(k * k) == self._argmax[:, None, ..., None]  # (B, 1, C, Ho, Wo, k*k)
-        g = (v[..., None] * hit).reshape(B, K, C, Ho, Wo, k, k).transpose(0, 1, 2, 3, 5, 4, 6)
-        g = g.reshape(B, K, C, Ho * k, Wo * k)
         H, W = self._x.shape[2:]
-        if (H, W) != (Ho * k, Wo * k):  # rows/columns the pooling dropped get zero gradient
-            g = m.pad(g, ((0, 0),) * 3 + ((0, H - Ho * k), (0, W - Wo * k)))
+        g = m.zeros(v.shape[:3] + (H, W), dtype=v.dtype)  # rows/columns the pooling dropped stay 0
+        hit_of = self._argmax[:, None]
+        for i, sl in enumerate(self._offsets(H, W)):
+            g[(Ellipsis,) + sl] = m.where(hit_of == i, v, 0)
         return g
 
     def input_index(self, x):
@@ -103,10 +107,12 @@ class Upsample(Layer):
         return m.broadcast_to(x[:, :, :, None, :, None], (B, C, H, s, W, s)).reshape(B, C, H * s, W * s)
 
     def _vjp_input(self, v):
-        """J_in^T v: sum of v over each s x s block."""
-        B, K, C, Hs, Ws = v.shape
+        """J_in^T v: sum of v over each s x s block (s*s strided views added)."""
         s = self.s
-        return v.reshape(B, K, C, Hs // s, s, Ws // s, s).sum(axis=(4, 6))
+        out = v[..., 0::s, 0::s].copy()
+        for i in range(1, s * s):
+            out += v[..., i // s::s, i % s::s]
+        return out
 
     def input_index(self, x):
         """Flat input index that each output copies: (B, d_out)."""

@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""The paper's Table 2 shape: validation MSE and log p(x) of the AE, the post-hoc LAE and the online LAE.
+
+Each method is one run of ``python -m minilae.train`` (same model, data, seed and schedule) in its
+own folder under --out; the script then reads every run's metrics.json and prints one Markdown
+table: MSE of the mean reconstruction (per pixel), log p(x) (mean over images of
+1/K sum_k log N(x | x_k, I), nats per image, K sampled networks), the mean predictive variance of
+the reconstructions on MNIST validation images and on FashionMNIST test images, and training time.
+
+    python benchmarks/table2.py --epochs 20                      # ae, posthoc, online on MNIST
+    python benchmarks/table2.py --methods online --alphas 1 0.1 0.01 0.001 --epochs 5 --limit-train 10000
+    python benchmarks/table2.py --reuse                          # only re-print finished runs
+
+With --alphas the online LAE is run once per forgetting rate alpha (the tempering study of
+:mod:`minilae.online`). Existing finished runs are re-used with --reuse; otherwise a run folder that
+already holds a run is resumed (so an interrupted benchmark continues where it stopped).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from minilae import train
+
+
+def run_dir(out, method, alpha):
+    return Path(out) / (method if alpha is None else f"{method}-alpha{alpha:g}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", nargs="+", choices=("ae", "posthoc", "online"), default=["ae", "posthoc", "online"])
+    p.add_argument("--alphas", nargs="+", type=float, default=None, help="online: one run per alpha")
+    p.add_argument("--model", choices=("mlp", "conv"), default="mlp")
+    p.add_argument("--hessian", default="approx")
+    p.add_argument("--epochs", type=int, default=20)
+    p.add_argument("--limit-train", type=int, default=None)
+    p.add_argument("--limit-val", type=int, default=None)
+    p.add_argument("--samples", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="benchmarks/results/table2")
+    p.add_argument("--reuse", action="store_true", help="do not train; tabulate the runs already in --out")
+    args = p.parse_args(argv)
+
+    runs = [(m, a) for m in args.methods for a in (args.alphas if m == "online" and args.alphas else [None])]
+    for method, alpha in runs:
+        folder = run_dir(args.out, method, alpha)
+        if args.reuse:
+            continue
+        flags = ["--method", method, "--model", args.model, "--hessian", args.hessian, "--epochs", str(args.epochs),
+                 "--samples", str(args.samples), "--seed", str(args.seed), "--out", str(folder), "--quiet"]
+        if alpha is not None:
+            flags += ["--alpha", str(alpha)]
+        if args.limit_train:
+            flags += ["--limit-train", str(args.limit_train)]
+        if args.limit_val:
+            flags += ["--limit-val", str(args.limit_val)]
+        if (folder / train.CHECKPOINT).exists():
+            flags += ["--resume"]
+        print(f"== python -m minilae.train {' '.join(flags)}", flush=True)
+        if train.main(flags) != 0:
+            return 1
+
+    print("\n| method | alpha | epochs (best) | val MSE / pixel | val log p(x) | val output var | "
+          "FashionMNIST output var | var ratio | train time (s) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    table = []
+    for method, alpha in runs:
+        path = run_dir(args.out, method, alpha) / train.METRICS
+        if not path.exists():
+            print(f"| {method} | missing: {path} |")
+            continue
+        m = json.loads(path.read_text())
+        v, o = m["val"], m["ood"] or {}
+        a = m["config"]["alpha"] if method == "online" else None
+        ratio = o.get("x_var", 0) / v["x_var"] if v["x_var"] > 0 else float("nan")
+        name = {"ae": "AE", "posthoc": "post-hoc LAE", "online": "online LAE"}[method]
+        print(f"| {name} | {'-' if a is None else f'{a:g}'} | {m['epochs_trained']} ({m['best_epoch']}) | "
+              f"{v['mse']:.5f} | {v['log_px']:.2f} | {v['x_var']:.3g} | {o.get('x_var', float('nan')):.3g} | "
+              f"{ratio:.2f} | {m['train_time_s']:.0f} |")
+        table.append({"method": method, "alpha": a, "metrics": path.as_posix(), "val": v, "ood": o,
+                      "epochs": m["epochs_trained"], "best_epoch": m["best_epoch"], "train_time_s": m["train_time_s"],
+                      "command": m["command"]})
+    n_images = max((t["val"]["n_images"] for t in table), default=0)
+    n_samples = max((t["val"]["n_samples"] for t in table), default=0)
+    print(f"\n{n_images} validation images, {n_samples} sampled networks for the LAEs (the AE is one network); "
+          "log p(x) in nats per image under N(x | x_k, I).")
+    print("command: python benchmarks/table2.py " + " ".join(argv if argv is not None else sys.argv[1:]))
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "table2.json").write_text(json.dumps(table, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

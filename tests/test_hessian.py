@@ -1,0 +1,442 @@
+"""Hessian engine: every structure against brute force J^T H J from the dense Jacobians, the approximate
+diagonal where it must (and must not) be exact, mixed at its two limits and in between, the GGN against a
+finite-difference Hessian where they coincide, the cost table, and the memory refusal."""
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+from minilae import curvature
+from minilae.backend import asarray, cupy_available, set_backend, to_numpy
+from minilae.gradcheck import assert_close, relative_error
+from minilae.hessian import DEFAULT_THRESHOLD, MemoryBudgetError, estimate_cost, ggn_blocks, ggn_diagonal
+from minilae.hessian.chain import leaf_layers
+from minilae.layers import (Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Reshape, Sequential,
+                            Sigmoid, Tanh, Upsample)
+from minilae.losses import Bernoulli, Categorical, Gaussian
+from minilae.models import conv_autoencoder, mlp_autoencoder
+
+EXACT = 1e-10  # two exact computations of the same quantity: round-off only
+FD = 1e-6  # against central finite differences (eps = 1e-6, float64)
+SIGMA = 0.7
+
+
+class FixedDropout(Dropout):
+    """Dropout in training mode whose mask is drawn once, so repeated forwards apply the same function."""
+
+    def __init__(self, p, shape, seed):
+        super().__init__(p)
+        keep = np.random.default_rng(seed).random(shape) >= p
+        self.fixed = asarray(keep / (1.0 - p))
+        self.train()
+
+    def _forward(self, x):
+        self.scale = self.fixed
+        return x * self.scale
+
+
+def mlp(rng):
+    """Linear, Tanh, ReLU, Sigmoid, Dropout (eval) - flat output of 3."""
+    return Sequential(Linear(5, 7, rng=rng), Tanh(), Linear(7, 6, rng=rng), ReLU(), Dropout(0.3).eval(),
+                      Linear(6, 4, rng=rng), Sigmoid(), Linear(4, 3, rng=rng)), (5,)
+
+
+def conv(rng):
+    """Every layer type with strides, paddings, asymmetric kernels, both conv backprop paths; image output."""
+    return Sequential(
+        Conv2d(2, 3, 3, stride=2, padding=1, rng=rng), Tanh(),            # (3, 4, 4)
+        Upsample(2),                                                      # (3, 8, 8)
+        Conv2d(3, 2, 3, rng=rng), ReLU(),                                 # (2, 6, 6): C_out < C_in
+        MaxPool2d(2), Flatten(),                                          # 18
+        FixedDropout(0.25, (3, 18), seed=1),
+        Linear(18, 5, rng=rng), Sigmoid(), Linear(5, 12, rng=rng),
+        Reshape(3, 2, 2),
+        Conv2d(3, 2, (2, 3), stride=(1, 2), padding=(1, 2), rng=rng),     # (2, 3, 3)
+    ), (2, 7, 7)
+
+
+def strided(rng):
+    """Strided convolutions inside the chain, widening and narrowing: M switches form at each of them."""
+    return Sequential(Conv2d(1, 2, 3, padding=1, rng=rng), Tanh(),       # (2, 6, 6) = 72
+                      Conv2d(2, 3, 3, stride=2, padding=1, rng=rng), Sigmoid(),  # (3, 3, 3) = 27
+                      Conv2d(3, 8, 3, stride=2, padding=1, rng=rng), Tanh(),     # (8, 2, 2) = 32
+                      Conv2d(8, 2, (3, 2), stride=(2, 1), padding=(1, 0), rng=rng)), (1, 6, 6)  # (2, 1, 1)
+
+
+def conv_flat(rng):
+    """Conv, Sigmoid, max-pool that drops a trailing row and column, Linear: flat output of 4."""
+    return Sequential(Conv2d(1, 2, 3, padding=1, rng=rng), Sigmoid(), MaxPool2d(2), Flatten(),
+                      Linear(8, 4, rng=rng)), (1, 5, 5)
+
+
+def nested(rng):
+    """An autoencoder whose encoder is itself a Sequential (nested chains are unrolled)."""
+    enc = Sequential(Linear(4, 3, rng=rng), Tanh(), Linear(3, 2, rng=rng))
+    return Sequential(enc, Tanh(), Linear(2, 4, rng=rng)), (4,)
+
+
+def mlp_ae(rng):
+    return mlp_autoencoder(input_shape=(1, 3, 3), latent_size=2, hidden=(5,), seed=rng), (1, 3, 3)
+
+
+def conv_ae(rng):
+    return conv_autoencoder(input_shape=(1, 4, 4), latent_size=2, channels=(2, 3), hidden=(4, 3), seed=rng), (1, 4, 4)
+
+
+NETS = {"mlp": mlp, "conv": conv, "strided": strided, "conv_flat": conv_flat, "nested": nested, "mlp_ae": mlp_ae,
+        "conv_ae": conv_ae}
+FLAT = {"mlp", "conv_flat", "nested"}  # flat outputs: Categorical applies
+CASES = [(n, lik) for n in NETS for lik in ("gaussian", "bernoulli", "categorical")
+         if lik != "categorical" or n in FLAT]
+CASE_IDS = [f"{n}-{lik}" for n, lik in CASES]
+BATCH = 3
+
+
+def likelihood(name):
+    return {"gaussian": lambda: Gaussian(sigma=SIGMA), "bernoulli": Bernoulli, "categorical": Categorical}[name]()
+
+
+def make(net, lik_name, seed=0):
+    """(model, likelihood, x, y) with random targets of the right kind."""
+    rng = np.random.default_rng(seed)
+    model, in_shape = NETS[net](rng)
+    x = asarray(rng.standard_normal((BATCH,) + in_shape))
+    f = model(x)
+    if lik_name == "categorical":
+        y = asarray(rng.integers(0, f.shape[1], size=BATCH))
+    elif lik_name == "bernoulli":
+        y = asarray(rng.random(f.shape))
+    else:
+        y = asarray(rng.standard_normal(f.shape))
+    return model, likelihood(lik_name), x, y
+
+
+def brute_force_ggn(model, lik, x, y, per_sample=False):
+    """G = sum_b J_b^T H_b J_b from the dense Jacobian of the whole network, (P, P) or (B, P, P)."""
+    J = model.jac_params(x)  # (B, d, P)
+    H = lik.hess(model(x), y)
+    G = J.transpose(0, 2, 1) @ H @ J
+    return G if per_sample else G.sum(axis=0)
+
+
+def param_slices(model):
+    """Slice of each parametric leaf layer in the flat vector."""
+    out, start = [], 0
+    for layer in leaf_layers(model):
+        if layer.num_params:
+            out.append(slice(start, start + layer.num_params))
+        start += layer.num_params
+    return out
+
+
+def dense_mixed_reference(model, lik, x, y, threshold):
+    """Algorithm 1 with dense per-layer Jacobians, replacing M by diag(diag(M)) at every feature of size
+    > threshold: the definition of 'mixed' (threshold 0: approx, inf: exact). Per sample, (B, P)."""
+    layers = leaf_layers(model)
+    hs = [x]
+    for layer in layers:
+        hs.append(layer(hs[-1]))
+
+    def held(M):
+        return M if M.shape[1] <= threshold else M * np.eye(M.shape[1])
+
+    M, parts = held(lik.hess(hs[-1], y)), []
+    for layer, h in zip(reversed(layers), reversed(hs[:-1])):
+        if layer.num_params:
+            Jp = layer.jac_params(h)
+            parts.append(np.einsum("bop,boq,bqp->bp", Jp, M, Jp))
+        Ji = layer.jac_input(h)
+        M = held(Ji.transpose(0, 2, 1) @ M @ Ji)
+    return np.concatenate(parts[::-1], axis=1)
+
+
+# ---- exact structures against brute force -----------------------------------------------------
+
+@pytest.mark.parametrize("net,lik_name", CASES, ids=CASE_IDS)
+def test_exact_blocks_equal_brute_force(net, lik_name):
+    model, lik, x, y = make(net, lik_name)
+    G = brute_force_ggn(model, lik, x, y)
+    blocks = ggn_blocks(model, lik, x, y)
+    slices = param_slices(model)
+    assert len(blocks) == len(slices)
+    for k, (block, sl) in enumerate(zip(blocks, slices)):
+        assert block.shape == (sl.stop - sl.start,) * 2
+        assert_close(block, G[sl, sl], EXACT, f"block {k}")
+
+
+@pytest.mark.parametrize("net,lik_name", CASES, ids=CASE_IDS)
+@pytest.mark.parametrize("method", ["exact", "sqrt"])
+def test_exact_diagonal_equals_diagonal_of_brute_force(net, lik_name, method):
+    model, lik, x, y = make(net, lik_name)
+    G = brute_force_ggn(model, lik, x, y, per_sample=True)
+    diag = ggn_diagonal(model, lik, x, y, method=method, per_sample=True)
+    assert diag.shape == (BATCH, model.num_params)
+    assert_close(diag, np.einsum("bpp->bp", G), EXACT, f"{method} per-sample diagonal")
+    assert_close(ggn_diagonal(model, lik, x, y, method=method), np.einsum("bpp->p", G), EXACT,
+                 f"{method} summed diagonal")
+
+
+@pytest.mark.parametrize("net", ["conv", "mlp_ae"])
+def test_exact_diagonal_is_the_diagonal_of_the_blocks(net):
+    model, lik, x, y = make(net, "gaussian")
+    blocks = ggn_blocks(model, lik, x, y, per_sample=True)
+    expected = np.concatenate([np.einsum("bpp->bp", b) for b in blocks], axis=1)
+    assert_close(ggn_diagonal(model, lik, x, y, method="exact", per_sample=True), expected, EXACT, "diag of blocks")
+
+
+# ---- approximate diagonal ---------------------------------------------------------------------
+
+def diagonal_m_nets(rng):
+    """Chains in which M stays diagonal under a Gaussian or Bernoulli likelihood: one parametric layer at
+    the bottom, then only layers whose Jacobian rows have a single non-zero."""
+    return {
+        "linear": (Sequential(Linear(4, 3, rng=rng)), (4,)),
+        "linear_tanh_dropout": (Sequential(Linear(4, 5, rng=rng), Tanh(), FixedDropout(0.5, (3, 5), 2)), (4,)),
+        "conv_sigmoid_pool": (Sequential(Conv2d(2, 3, 3, stride=2, padding=1, rng=rng), Sigmoid(), MaxPool2d(2),
+                                         Flatten()), (2, 8, 8)),
+        "conv_relu_upsample": (Sequential(Conv2d(3, 2, 3, padding=2, rng=rng), ReLU(), Upsample(2)), (3, 4, 4)),
+        "single_conv_layer": (Conv2d(2, 2, 2, stride=2, rng=rng), (2, 4, 6)),
+    }
+
+
+@pytest.mark.parametrize("net", ["linear", "linear_tanh_dropout", "conv_sigmoid_pool", "conv_relu_upsample",
+                                 "single_conv_layer"])
+@pytest.mark.parametrize("lik_name", ["gaussian", "bernoulli"])
+def test_approx_is_exact_where_M_stays_diagonal(net, lik_name):
+    rng = np.random.default_rng(3)
+    model, in_shape = diagonal_m_nets(rng)[net]
+    x = rng.standard_normal((BATCH,) + in_shape)
+    f = model(x)
+    y = rng.random(f.shape)
+    lik = likelihood(lik_name)
+    exact = np.einsum("bpp->bp", brute_force_ggn(model, lik, x, y, per_sample=True))
+    approx = ggn_diagonal(model, lik, x, y, method="approx", per_sample=True)
+    assert_close(approx, exact, EXACT, "approx where M is diagonal")
+
+
+@pytest.mark.parametrize("net,lik_name", [("mlp", "gaussian"), ("conv", "bernoulli"), ("conv_ae", "gaussian"),
+                                          ("conv_flat", "categorical")])
+def test_approx_is_not_secretly_exact(net, lik_name):
+    """Where M gains off-diagonal terms (two parametric layers, or a Categorical H_out), approx differs."""
+    model, lik, x, y = make(net, lik_name)
+    exact = ggn_diagonal(model, lik, x, y, method="exact")
+    approx = ggn_diagonal(model, lik, x, y, method="approx")
+    first = param_slices(model)[0]  # the layer furthest from the output sees the most coupling
+    assert relative_error(approx[first], exact[first]) > 1e-2
+    assert np.all(approx >= 0)  # still a diagonal of PSD matrices
+
+
+def test_approx_of_a_single_linear_layer_under_categorical_differs():
+    """H_out of a Categorical is not diagonal, so even one layer makes approx inexact."""
+    rng = np.random.default_rng(4)
+    model, x = Sequential(Linear(3, 4, rng=rng)), rng.standard_normal((5, 3))
+    lik, y = Categorical(), rng.integers(0, 4, size=5)
+    G = brute_force_ggn(model, lik, x, y)
+    weight = slice(0, 12)  # a Linear's weight diagonal needs only diag(M): exact even here
+    approx = ggn_diagonal(model, lik, x, y, method="approx")
+    assert_close(approx[weight], np.diag(G)[weight], EXACT, "Linear weight diagonal")
+    assert_close(approx, np.diag(G), EXACT, "whole diagonal")  # bias diag = diag(M) too
+    # ... the difference shows one layer further down
+    model2 = Sequential(Linear(3, 4, rng=rng), Linear(4, 4, rng=rng))
+    model2(x)
+    G2 = brute_force_ggn(model2, lik, x, y)
+    assert relative_error(ggn_diagonal(model2, lik, x, y, method="approx"), np.diag(G2)) > 1e-2
+
+
+# ---- mixed ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("net,lik_name", [("conv", "gaussian"), ("conv", "bernoulli"), ("conv_ae", "gaussian"),
+                                          ("mlp_ae", "bernoulli"), ("mlp", "categorical"), ("conv_flat", "gaussian")])
+def test_mixed_limits_are_exact_and_approx(net, lik_name):
+    model, lik, x, y = make(net, lik_name)
+    largest = max(int(np.prod(s)) for s in model.shapes(tuple(x.shape[1:])))
+    exact = ggn_diagonal(model, lik, x, y, method="exact")
+    approx = ggn_diagonal(model, lik, x, y, method="approx")
+    assert_close(ggn_diagonal(model, lik, x, y, method="mixed", threshold=largest), exact, EXACT, "mixed(max)")
+    assert_close(ggn_diagonal(model, lik, x, y, method="mixed", threshold=np.inf), exact, EXACT, "mixed(inf)")
+    assert_close(ggn_diagonal(model, lik, x, y, method="mixed", threshold=0), approx, EXACT, "mixed(0)")
+
+
+@pytest.mark.parametrize("net", ["conv", "strided", "conv_ae", "mlp_ae"])
+def test_mixed_switches_exactly_at_every_threshold(net):
+    """Every threshold between the feature sizes (each switch full <-> diag at a different layer) against
+    the dense definition."""
+    model, lik, x, y = make(net, "gaussian")
+    sizes = sorted({int(np.prod(s)) for s in model.shapes(tuple(x.shape[1:]))})
+    for threshold in [0] + sizes[:-1]:  # 0: the approximate method against its dense definition
+        got = ggn_diagonal(model, lik, x, y, method="mixed", threshold=threshold, per_sample=True)
+        assert_close(got, dense_mixed_reference(model, lik, x, y, threshold), EXACT, f"threshold {threshold}")
+
+
+def test_mixed_default_threshold_and_bad_thresholds():
+    model, lik, x, y = make("mlp_ae", "gaussian")
+    assert_close(ggn_diagonal(model, lik, x, y, method="mixed"),
+                 ggn_diagonal(model, lik, x, y, method="mixed", threshold=DEFAULT_THRESHOLD), 0.0, "default")
+    with pytest.raises(ValueError, match="threshold"):
+        ggn_diagonal(model, lik, x, y, method="mixed", threshold=-1)
+    with pytest.raises(TypeError, match="threshold"):
+        ggn_diagonal(model, lik, x, y, method="mixed", threshold="big")
+
+
+# ---- GGN == Hessian where the residual term vanishes -----------------------------------------
+
+def smooth_net(rng):
+    return Sequential(Conv2d(1, 2, 3, padding=1, rng=rng), Tanh(), Flatten(), Linear(18, 4, rng=rng), Sigmoid(),
+                      Linear(4, 3, rng=rng)), (1, 3, 3)
+
+
+@pytest.mark.parametrize("lik_name", ["gaussian", "bernoulli", "categorical"])
+def test_ggn_equals_fd_hessian_at_zero_residual(lik_name):
+    """y = E[y | f]: the residual term of the Hessian vanishes, so blocks and diagonal equal the FD Hessian."""
+    rng = np.random.default_rng(5)
+    model, in_shape = smooth_net(rng)
+    x = rng.standard_normal((2,) + in_shape)
+    lik = likelihood(lik_name)
+    y = lik.mean(model(x))
+    H = curvature.hessian(model, lik, x, y)
+    model(x)  # the FD loop left the caches at a perturbed point; refresh them at theta
+    for block, sl in zip(ggn_blocks(model, lik, x, y), param_slices(model)):
+        assert_close(block, H[sl, sl], FD, "block vs FD Hessian")
+    for method in ("exact", "sqrt"):
+        assert_close(ggn_diagonal(model, lik, x, y, method=method), np.diag(H), FD, f"{method} vs FD Hessian")
+
+
+@pytest.mark.parametrize("layer_name,lik_name", [("linear", "gaussian"), ("linear", "bernoulli"),
+                                                  ("linear", "categorical"), ("conv", "gaussian"),
+                                                  ("conv", "bernoulli")])
+def test_ggn_equals_fd_hessian_when_linear_in_parameters(layer_name, lik_name):
+    """f linear in theta: d^2 f / d theta^2 = 0, so the GGN is the Hessian at any targets."""
+    rng = np.random.default_rng(6)
+    if layer_name == "linear":
+        model, x = Linear(4, 3, rng=rng), rng.standard_normal((5, 4))
+    else:
+        model, x = Conv2d(2, 2, 3, stride=2, padding=1, rng=rng), rng.standard_normal((2, 2, 5, 4))
+    f = model(x)
+    y = rng.integers(0, 3, size=5) if lik_name == "categorical" else rng.random(f.shape)
+    lik = likelihood(lik_name)
+    H = curvature.hessian(model, lik, x, y)
+    model(x)
+    (block,) = ggn_blocks(model, lik, x, y)
+    assert_close(block, H, FD, "GGN block vs FD Hessian")
+    assert_close(ggn_diagonal(model, lik, x, y, method="exact"), np.diag(H), FD, "diagonal vs FD Hessian")
+
+
+# ---- API details ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method,kw", [("approx", {}), ("exact", {}), ("sqrt", {}), ("mixed", {"threshold": 20})])
+def test_per_sample_sums_to_batch_and_f_is_not_recomputed(method, kw):
+    model, lik, x, y = make("conv", "bernoulli")
+    f = model(x)
+    summed = ggn_diagonal(model, lik, x, y, method=method, **kw)
+    per = ggn_diagonal(model, lik, x, y, method=method, per_sample=True, **kw)
+    assert summed.shape == (model.num_params,) and per.shape == (BATCH, model.num_params)
+    assert_close(per.sum(axis=0), summed, EXACT, "sum of per-sample diagonals")
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the model was run again although f was given")
+
+    model.forward = no_forward
+    assert_close(ggn_diagonal(model, lik, x, y, method=method, f=f, **kw), summed, EXACT, "with f given")
+
+
+def test_single_layer_and_wrong_inputs_are_reported():
+    rng = np.random.default_rng(7)
+    layer, x = Linear(3, 2, rng=rng), rng.standard_normal((4, 3))
+    y = rng.standard_normal((4, 2))
+    assert ggn_diagonal(layer, Gaussian(), x, y, method="exact").shape == (8,)
+    assert ggn_diagonal(layer, "gaussian", x, y).shape == (8,)  # likelihood by name
+    with pytest.raises(ValueError, match="method"):
+        ggn_diagonal(layer, Gaussian(), x, y, method="kfac")
+    with pytest.raises(ValueError, match="shape"):
+        ggn_diagonal(layer, Gaussian(), x, y, f=np.zeros((4, 3)))
+
+    class Square(Layer):
+        def _forward(self, x):
+            return x ** 2
+
+    for method in ("approx", "exact", "sqrt"):
+        model = Sequential(Linear(3, 3, rng=rng), Square(), Linear(3, 2, rng=rng))
+        with pytest.raises(TypeError, match="Square"):
+            ggn_diagonal(model, Gaussian(), x, y, method=method)
+
+
+# ---- cost estimate and memory budget ----------------------------------------------------------
+
+def five_conv(channels=3):
+    """The benchmark's net: five 3x3 convolutions that keep channels and size."""
+    rng = np.random.default_rng(0)
+    layers = []
+    for _ in range(5):
+        layers += [Conv2d(channels, channels, 3, padding=1, rng=rng), Tanh()]
+    return Sequential(*layers[:-1])
+
+
+def test_cost_estimate_scales_as_table_1():
+    """Full M grows with the square of the pixels, diagonal M linearly; rows cover every layer."""
+    model = five_conv()
+    small, large = (estimate_cost(model, (3, s, s), 4, method) for method in ("exact",) for s in (8, 16))
+    assert len(small.rows) == len(model.layers)
+    assert large.rows[0].m_bytes == 16 * small.rows[0].m_bytes  # 4x pixels -> 16x memory
+    a_small, a_large = (estimate_cost(model, (3, s, s), 4, "approx") for s in (8, 16))
+    assert a_large.rows[0].m_bytes == 4 * a_small.rows[0].m_bytes
+    assert 12 < large.total_flops / small.total_flops <= 16.5
+    assert 3.5 < a_large.total_flops / a_small.total_flops <= 4.5
+    text = str(small)
+    assert "Conv2d" in text and "Tanh" in text and "peak" in text
+    mixed = estimate_cost(model, (3, 8, 8), 4, "mixed", threshold=10_000)
+    assert mixed.peak_bytes == small.peak_bytes  # every feature (192) under the threshold: as exact
+
+
+def test_memory_budget_refuses_before_allocating():
+    """The conv AE's exact GGN at batch 64 needs tens of GB: refused with the size, nothing big allocated."""
+    model = conv_autoencoder()
+    x = np.random.default_rng(8).random((64, 1, 28, 28))
+    f = model(x)
+    table = estimate_cost(model, (1, 28, 28), 64, "exact", dtype=np.float64)
+    need = table.rows[0].peak_bytes  # the last layer, where the walk starts and is refused
+    assert need > 1e10 and table.output_bytes < 4e9
+    tracemalloc.start()
+    try:
+        with pytest.raises(MemoryBudgetError, match="would need") as err:
+            ggn_diagonal(model, Gaussian(), x, x, method="exact", f=f, memory_budget=4e9)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1e9, f"allocated {peak} bytes before refusing"
+    assert str(need) in str(err.value)  # the message states the bytes the estimate gives
+    with pytest.raises(MemoryBudgetError, match="would need"):
+        ggn_blocks(model, Gaussian(), x[:2], x[:2], memory_budget=1e8)
+
+
+def test_small_budget_refuses_what_the_estimate_says():
+    model, lik, x, y = make("conv", "gaussian")
+    need = estimate_cost(model, tuple(x.shape[1:]), BATCH, "exact", dtype=np.float64).peak_bytes
+    ggn_diagonal(model, lik, x, y, method="exact", memory_budget=need)  # exactly enough: runs
+    with pytest.raises(MemoryBudgetError):
+        ggn_diagonal(model, lik, x, y, method="exact", memory_budget=need - 1)
+
+
+# ---- CuPy ------------------------------------------------------------------------------------
+
+GPU, WHY_NOT = cupy_available()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not GPU, reason=f"CuPy backend unavailable: {WHY_NOT}")
+@pytest.mark.parametrize("net,lik_name", [("conv", "bernoulli"), ("mlp", "categorical"), ("conv_ae", "gaussian")])
+def test_cupy_matches_numpy(net, lik_name):
+    expected = {}
+    model, lik, x, y = make(net, lik_name)
+    for method, kw in [("approx", {}), ("exact", {}), ("sqrt", {}), ("mixed", {"threshold": 20})]:
+        expected[method] = ggn_diagonal(model, lik, x, y, method=method, **kw)
+    blocks = ggn_blocks(model, lik, x, y)
+    set_backend("cupy")
+    model, lik, x, y = make(net, lik_name)
+    for method, kw in [("approx", {}), ("exact", {}), ("sqrt", {}), ("mixed", {"threshold": 20})]:
+        got = ggn_diagonal(model, lik, x, y, method=method, **kw)
+        assert type(got).__module__.split(".")[0] == "cupy"
+        assert_close(to_numpy(got), expected[method], EXACT, f"cupy {method}")
+    for got, want in zip(ggn_blocks(model, lik, x, y), blocks):
+        assert_close(to_numpy(got), want, EXACT, "cupy block")

@@ -1,0 +1,116 @@
+"""Tests for minilae.predictive: moments over sampled networks, log p(x) and MSE, against direct loops."""
+import copy
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from minilae import backend
+from minilae.laplace import DiagonalLaplace
+from minilae.models import mlp_autoencoder
+from minilae.predictive import _Moments, predict, predict_decoder
+
+IMAGE = (1, 3, 2)
+CUPY_OK, CUPY_REASON = backend.cupy_available()
+BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON))]
+
+
+def setup(rng, n_images=7):
+    model = mlp_autoencoder(input_shape=IMAGE, latent_size=2, hidden=(5,), seed=1)
+    theta = model.get_params()
+    posterior = DiagonalLaplace(theta, rng.gamma(1.0, 20.0, size=theta.size), prior_precision=3.0)
+    x = rng.uniform(0, 1, size=(n_images,) + IMAGE)
+    return model, posterior, x
+
+
+def reference(model, posterior, x, K, rng):
+    """Direct loop: K networks, stacked outputs, numpy mean/var, scipy log-density."""
+    thetas = [posterior.sample(1, rng)[0] for _ in range(K)]
+    zs, fs = [], []
+    for th in thetas:
+        model.set_params(th)
+        zs.append(model.encode(x))
+        fs.append(model.decode(zs[-1]))
+    zs, fs = np.stack(zs), np.stack(fs)
+    log_p = scipy.stats.norm(fs, 1.0).logpdf(x[None]).reshape(K, len(x), -1).sum(axis=2).mean(axis=0)
+    mse = ((x - fs.mean(axis=0)) ** 2).reshape(len(x), -1).mean(axis=1)
+    return zs.mean(0), zs.var(0), fs.mean(0), fs.var(0), log_p, mse
+
+
+@pytest.mark.parametrize("K, batch_size", [(1, 500), (13, 3)])
+def test_prediction_matches_a_direct_loop(K, batch_size, rng):
+    model, posterior, x = setup(rng)
+    theta_before = model.get_params()
+    sample_rng = np.random.default_rng(4)
+    expected = reference(model, posterior, x, K, copy.deepcopy(sample_rng))
+    model.set_params(theta_before)
+    pred = predict(model, x, posterior, n_samples=K, rng=sample_rng, batch_size=batch_size)
+    for name, want in zip(("z_mean", "z_var", "x_mean", "x_var", "log_px", "mse"), expected, strict=True):
+        np.testing.assert_allclose(getattr(pred, name), want, rtol=1e-10, atol=1e-14, err_msg=name)
+    assert pred.n_samples == K
+    np.testing.assert_array_equal(model.get_params(), theta_before)  # parameters restored
+
+
+def test_without_posterior_one_deterministic_network(rng):
+    model, _, x = setup(rng)
+    pred = predict(model, x)
+    np.testing.assert_array_equal(pred.x_var, 0)
+    np.testing.assert_array_equal(pred.z_var, 0)
+    np.testing.assert_allclose(pred.x_mean, model.forward(x), rtol=1e-15)
+    assert pred.n_samples == 1
+    summary = pred.summary()
+    assert set(summary) == {"mse", "log_px", "x_var", "z_var", "n_images", "n_samples"}
+    assert summary["x_var"] == 0 and summary["n_images"] == len(x)
+
+
+def test_decoder_prediction_matches_the_full_prediction_on_codes(rng):
+    """With no posterior the decoder at the encoder's codes gives the reconstruction."""
+    model, posterior, x = setup(rng)
+    z = model.encode(x)
+    mean, var = predict_decoder(model, z)
+    np.testing.assert_allclose(mean, model.forward(x), rtol=1e-14)
+    np.testing.assert_array_equal(var, 0)
+    mean, var = predict_decoder(model, z, posterior, n_samples=50, rng=np.random.default_rng(0), batch_size=2)
+    assert mean.shape == var.shape == x.shape and (var > 0).all()
+
+
+def test_welford_variance_survives_a_large_mean():
+    """Values 1e8 + O(1e-3): E[x^2] - E[x]^2 in float64 loses every digit, Welford keeps about five."""
+    rng = np.random.default_rng(0)
+    values = 1e8 + 1e-3 * rng.standard_normal((200, 4))
+    moments = _Moments()
+    for v in values:
+        moments.add(v)
+    exact = (values - 1e8).var(axis=0)  # shift first: exact up to the representation of the inputs
+    np.testing.assert_allclose(moments.variance, exact, rtol=1e-4)
+    assert (moments.variance >= 0).all()
+    naive = (values ** 2).mean(axis=0) - values.mean(axis=0) ** 2
+    assert np.abs(naive - exact).max() > 100 * exact.max()  # the cancellation this guards against
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_runs_on_every_backend(backend_name, rng):
+    backend.set_backend(backend_name)
+    xp = backend.xp()
+    model, posterior, x = setup(rng)
+    posterior = DiagonalLaplace(backend.asarray(backend.to_numpy(posterior.mean)),
+                                backend.asarray(backend.to_numpy(posterior.ggn)), 3.0)
+    pred = predict(model, x, posterior, n_samples=5, rng=xp.random.default_rng(0))
+    assert backend.to_numpy(pred.x_var).shape == x.shape
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(n_samples=0), "n_samples"), (dict(batch_size=0), "batch_size"), (dict(n_samples=2.5), "n_samples"),
+])
+def test_bad_arguments(kwargs, match, rng):
+    model, posterior, x = setup(rng)
+    with pytest.raises(ValueError, match=match):
+        predict(model, x, posterior, **kwargs)
+
+
+def test_bad_shapes(rng):
+    model, posterior, x = setup(rng)
+    with pytest.raises(ValueError, match="non-empty batch"):
+        predict(model, x[:0], posterior)
+    with pytest.raises(ValueError, match=r"z must have shape \(N, 2\)"):
+        predict_decoder(model, np.zeros((3, 5)), posterior)
