@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import statistics
@@ -113,8 +114,10 @@ def main(argv=None):
         rows.append({"model": model_name, "method": kind, "hessian": hessian, "s_per_step": step,
                      "epoch_s": step * steps_per_epoch, "ratio_to_ae": step / ae, "note": notes.get(key, "")})
 
-    print(f"\nEpoch time on {args.backend} ({platform.processor() or platform.machine()}), MNIST, "
-          f"batch {args.batch_size}, {steps_per_epoch} steps/epoch, median of {args.rounds} rounds:\n")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nEpoch time on {args.backend} ({platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} "
+          f"at the end), MNIST, batch {args.batch_size}, {steps_per_epoch} steps/epoch, median of "
+          f"{args.rounds} rounds:\n")
     print("| model | method | GGN diagonal | s / step | s / epoch (implied) | x plain AE |")
     print("|---|---|---|---:|---:|---:|")
     for row in rows:
@@ -128,7 +131,7 @@ def main(argv=None):
     print("\ncommand: python benchmarks/bench_epochs.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"args": vars(args), "load_average": load, "rows": rows}, indent=2))
     return 0
 
 

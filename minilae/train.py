@@ -145,7 +145,8 @@ def build_parser(suppress_defaults=False):
                         "approx (only diag M), mixed (full M where the feature size <= --hessian-threshold), "
                         "sqrt (exact through a square-root factor of M: slower, but fits where exact does not)")
     g.add_argument("--hessian-threshold", dest="threshold", type=_positive_int, default=d("threshold"),
-                   help="feature size up to which 'mixed' backpropagates the full matrix (required with --hessian mixed)")
+                   help="feature size up to which 'mixed' backpropagates the full matrix "
+                        "(required with --hessian mixed)")
     g = p.add_argument_group("optimisation (the paper's schedule: Adam, lr halved on a 5-epoch plateau, "
                              "early stop after 8)")
     g.add_argument("--epochs", type=_positive_int, default=d("epochs"), help="maximum number of epochs")
@@ -205,7 +206,7 @@ def resolve_config(argv):
     """(config dict, explicitly given keys) from the command line, merged with a checkpoint on --resume."""
     args = vars(build_parser().parse_args(argv))
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    if args["hessian"] == "mixed" and args["threshold"] is None and not args["resume"]:
+    if args["hessian"] == "mixed" and args["threshold"] is None and args["method"] != "ae" and not args["resume"]:
         raise UsageError("--hessian mixed needs --hessian-threshold N (full M where a layer's feature size <= N)")
     if not args["resume"]:
         return args, explicit, None
@@ -303,24 +304,65 @@ def _write_json(path, obj):
 # ----------------------------------------------------------------------------------------------
 # the command
 
+def _load_data(config):
+    """Host images: training, validation (+ labels for Fig. 1) and out-of-distribution test images."""
+    x_train, _ = _load_images(config["dataset"], "train", config["limit_train"], config["data_root"])
+    x_val, y_val = _load_images(config["dataset"], "val", config["limit_val"], config["data_root"])
+    ood_name = ({"mnist": "fashionmnist", "fashionmnist": "mnist"}[config["dataset"]]
+                if config["ood_dataset"] == "auto" else config["ood_dataset"])
+    x_ood = None if ood_name == "none" else _load_images(ood_name, "test", len(x_val), config["data_root"])[0]
+    return {"train": x_train, "val": x_val, "val_labels": y_val, "ood": x_ood, "ood_name": ood_name}
+
+
+def _stored_posterior(p):
+    return DiagonalLaplace(asarray(p["mean"]), asarray(p["ggn"]), p["prior_precision"])
+
+
+def _fit_posterior(config, model, trainer, state, x_train, log):
+    """(posterior or None, post-hoc info): the online trainer's q_t, a post-hoc Laplace, or nothing (AE)."""
+    if config["method"] == "online":
+        return trainer.posterior(), None
+    if config["method"] == "ae":
+        return None, None
+    if state.get("posterior") is not None:  # a finished post-hoc run, evaluated again
+        return _stored_posterior(state["posterior"]), state.get("posthoc")
+    log(f"post-hoc Laplace: {config['hessian']} diagonal GGN over {len(x_train)} training images")
+    posterior, info = fit_posthoc(model, x_train, method=config["hessian"], threshold=config["threshold"],
+                                  prior_precision=config["prior_precision"], optimize_prior=not config["fix_prior"],
+                                  progress=not config["quiet"])
+    log(f"prior precision {info['prior_precision']:.4g} "
+        f"(log marginal likelihood {info['log_marginal_likelihood']:.6g})")
+    return posterior, info
+
+
+def _final_state(state, config, posterior, posthoc_info):
+    """The run's last checkpoint: stage 'done', with the post-hoc posterior (the online one is the trainer's)."""
+    stored = None
+    if posterior is not None and config["method"] == "posthoc":
+        stored = {"mean": posterior.mean, "ggn": posterior.ggn, "prior_precision": posterior.prior_precision}
+    return {**state, "stage": "done", "posthoc": posthoc_info, "posterior": stored}
+
+
+def _report(metrics, out, n_samples, log):
+    v, ood = metrics["val"], metrics["ood"]
+    log(f"validation ({v['n_images']} images, {n_samples} networks): MSE of the mean reconstruction "
+        f"{v['mse']:.5f}, log p(x) {v['log_px']:.2f}, mean output variance {v['x_var']:.3g}"
+        + (f"; {ood['dataset']}: mean output variance {ood['x_var']:.3g}" if ood else ""))
+    files = [METRICS, CHECKPOINT] + [Path(f).name for f in metrics.get("figures", [])]
+    log(f"results written to {out}/ ({', '.join(files)})")
+
+
 def run(config, resumed=None, log=print, argv=None):
-    """Train, evaluate and plot as the config says; return the metrics dict."""
+    """Train, fit the posterior, evaluate and plot as the config says; return the metrics dict."""
     backend.set_backend(config["backend"])
     backend.set_default_dtype(np.dtype(config["dtype"]))
     out = _out_dir(config)
     config = {**config, "out": str(out)}
     out.mkdir(parents=True, exist_ok=True)
     quiet_log = log if not config["quiet"] else (lambda *a, **k: None)
+    data = _load_data(config)
 
-    x_train, _ = _load_images(config["dataset"], "train", config["limit_train"], config["data_root"])
-    x_val, y_val = _load_images(config["dataset"], "val", config["limit_val"], config["data_root"])
-    ood_name = ({"mnist": "fashionmnist", "fashionmnist": "mnist"}[config["dataset"]]
-                if config["ood_dataset"] == "auto" else config["ood_dataset"])
-    x_ood = None
-    if ood_name != "none":
-        x_ood, _ = _load_images(ood_name, "test", len(x_val), config["data_root"])
-
-    model = build_model(config["model"], x_train.shape[1:], config["latent_size"], seed=config["seed"])
+    model = build_model(config["model"], data["train"].shape[1:], config["latent_size"], seed=config["seed"])
     signature = model_signature(model, config["model"])
     ckpt_path = out / CHECKPOINT
     resume_state = None
@@ -328,9 +370,9 @@ def run(config, resumed=None, log=print, argv=None):
         resume_state, stored = resumed
         check_signature(stored.get("signature", {}), signature, ckpt_path)
     stored_config = {"args": {k: v for k, v in config.items() if k in DEFAULTS}, "signature": signature}
-    trainer = _make_trainer(config, model, len(x_train))
-    quiet_log(f"{config['method']} | {config['model']} | {config['dataset']} ({len(x_train)} train, {len(x_val)} val) "
-              f"| {model.num_params} parameters | backend {config['backend']} | output {out}")
+    trainer = _make_trainer(config, model, len(data["train"]))
+    quiet_log(f"{config['method']} | {config['model']} | {config['dataset']} ({len(data['train'])} train, "
+              f"{len(data['val'])} val) | {model.num_params} parameters | backend {config['backend']} | output {out}")
 
     start = time.perf_counter()
     if resume_state is not None and resume_state.get("stage") == "done":
@@ -338,60 +380,34 @@ def run(config, resumed=None, log=print, argv=None):
         trainer.load_state_dict(resume_state["trainer"])
         state = resume_state
     else:
-        state = fit(trainer, x_train, x_val, epochs=config["epochs"], batch_size=config["batch_size"],
+        state = fit(trainer, data["train"], data["val"], epochs=config["epochs"], batch_size=config["batch_size"],
                     seed=config["seed"], lr_patience=config["lr_patience"], stop_patience=config["stop_patience"],
                     checkpoint=ckpt_path, config=stored_config, resume=resume_state,
                     progress=not config["quiet"], log=quiet_log)
     train_time = time.perf_counter() - start
-
-    posthoc_info = None
-    if config["method"] == "online":
-        posterior = trainer.posterior()
-    elif config["method"] == "posthoc":
-        if state.get("posterior") is not None:
-            p = state["posterior"]
-            posterior = DiagonalLaplace(asarray(p["mean"]), asarray(p["ggn"]), p["prior_precision"])
-            posthoc_info = state.get("posthoc")
-        else:
-            quiet_log(f"post-hoc Laplace: {config['hessian']} diagonal GGN over {len(x_train)} training images")
-            posterior, posthoc_info = fit_posthoc(model, x_train, method=config["hessian"],
-                                                  threshold=config["threshold"],
-                                                  prior_precision=config["prior_precision"],
-                                                  optimize_prior=not config["fix_prior"],
-                                                  progress=not config["quiet"])
-            quiet_log(f"prior precision {posthoc_info['prior_precision']:.4g} "
-                      f"(log marginal likelihood {posthoc_info['log_marginal_likelihood']:.6g})")
-    else:
-        posterior = None
-    state = {**state, "stage": "done", "posthoc": posthoc_info,
-             "posterior": None if posterior is None or config["method"] != "posthoc" else
-             {"mean": posterior.mean, "ggn": posterior.ggn, "prior_precision": posterior.prior_precision}}
+    posterior, posthoc_info = _fit_posterior(config, model, trainer, state, data["train"], quiet_log)
+    state = _final_state(state, config, posterior, posthoc_info)
     save_checkpoint(ckpt_path, state, stored_config)
 
     n_samples = config["samples"] if posterior is not None else 1
-    quiet_log(f"evaluating with {n_samples} sampled network(s) on {len(x_val)} validation images"
-              + (f" and {len(x_ood)} {ood_name} images" if x_ood is not None else ""))
-    val_pred = evaluate(model, posterior, x_val, n_samples, config["seed"])
-    ood_pred = evaluate(model, posterior, x_ood, n_samples, config["seed"]) if x_ood is not None else None
+    quiet_log(f"evaluating with {n_samples} sampled network(s) on {len(data['val'])} validation images"
+              + (f" and {len(data['ood'])} {data['ood_name']} images" if data["ood"] is not None else ""))
+    val_pred = evaluate(model, posterior, data["val"], n_samples, config["seed"])
+    ood_pred = None if data["ood"] is None else evaluate(model, posterior, data["ood"], n_samples, config["seed"])
     metrics = {
         "command": "python -m minilae.train " + " ".join(shlex.quote(a) for a in (argv or [])),
         "config": config, "signature": signature, "history": state["history"],
         "epochs_trained": state["epoch"], "best_epoch": (state["best"] or {}).get("epoch"),
         "train_time_s": train_time, "posterior": _posterior_summary(posterior), "posthoc": posthoc_info,
         "val": val_pred.summary(),
-        "ood": None if ood_pred is None else {"dataset": ood_name, **ood_pred.summary()},
+        "ood": None if ood_pred is None else {"dataset": data["ood_name"], **ood_pred.summary()},
     }
     if not config["no_plots"]:
-        metrics["figures"] = _figures(out, config, model, posterior, (x_val, val_pred),
-                                      None if ood_pred is None else (x_ood, ood_pred, ood_name), y_val, quiet_log)
+        metrics["figures"] = _figures(out, config, model, posterior, (data["val"], val_pred),
+                                      None if ood_pred is None else (data["ood"], ood_pred, data["ood_name"]),
+                                      data["val_labels"], quiet_log)
     _write_json(out / METRICS, metrics)
-    v = metrics["val"]
-    log(f"validation ({v['n_images']} images, {n_samples} networks): MSE of the mean reconstruction "
-        f"{v['mse']:.5f}, log p(x) {v['log_px']:.2f}, mean output variance {v['x_var']:.3g}"
-        + (f"; {ood_name}: mean output variance {metrics['ood']['x_var']:.3g}" if ood_pred is not None else ""))
-    log(f"results written to {out}/ ({METRICS}, {CHECKPOINT}"
-        + (", reconstructions.png" + (", latent.png" if model.latent_size == 2 else "") if not config["no_plots"]
-           else "") + ")")
+    _report(metrics, out, n_samples, log)
     return metrics
 
 
@@ -406,8 +422,7 @@ def load_run(run_dir):
     model.set_params(asarray(trainer["theta"], dtype=model.get_params().dtype))
     posterior = None
     if state.get("posterior") is not None:
-        p = state["posterior"]
-        posterior = DiagonalLaplace(asarray(p["mean"]), asarray(p["ggn"]), p["prior_precision"])
+        posterior = _stored_posterior(state["posterior"])
     elif trainer.get("H") is not None:
         posterior = DiagonalLaplace(model.get_params(), asarray(trainer["H"], dtype=model.get_params().dtype),
                                     trainer["prior_precision"])

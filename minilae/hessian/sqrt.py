@@ -15,7 +15,7 @@ from __future__ import annotations
 from functools import singledispatch
 
 from ..backend import array_module
-from ..layers import Linear
+from ..layers import Conv2d, Linear
 from .approx import param_diag_from_diag
 from .chain import CHUNK_BYTES, check_memory, concat_parts, size, vjp_rows
 from .cost import geometry, plan_forms, step_cost
@@ -52,6 +52,28 @@ def param_diag_from_sqrt(layer, V, per_sample=False):
 def _(layer: Linear, V, per_sample=False):
     """A Linear layer needs only diag(M) = sum_k v_k^2 (see exact.param_diag_from_full)."""
     return param_diag_from_diag(layer, (V ** 2).sum(axis=1), per_sample)
+
+
+@param_diag_from_sqrt.register
+def _(layer: Conv2d, V, per_sample=False):
+    """W[o, k']: sum_k (sum_l V[k, o, l] cols[l, k'])^2;  b[o]: sum_k (sum_l V[k, o, l])^2.
+
+    One (K C_out x L) @ (L x C k_h k_w) product per sample and chunk of columns k.
+    """
+    xp = array_module(V)
+    B, K, C_out = V.shape[:3]
+    cols = layer._cols  # (B, L, C k_h k_w)
+    L, CK = cols.shape[1:]
+    step = max(1, int(CHUNK_BYTES // max(1, B * C_out * (CK + L) * V.dtype.itemsize)))
+    gW = xp.zeros((B, C_out, CK), dtype=V.dtype)
+    gb = xp.zeros((B, C_out), dtype=V.dtype)
+    for k in range(0, K, step):  # chunks of columns bound the (B, k, C_out, C k_h k_w) temporary
+        Vk = V[:, k:k + step].reshape(B, -1, L)  # (B, k C_out, L)
+        gW += ((Vk @ cols).reshape(B, -1, C_out, CK) ** 2).sum(axis=1)
+        gb += (Vk.sum(axis=2).reshape(B, -1, C_out) ** 2).sum(axis=1)
+    parts = [gW.reshape(B, -1)] + ([gb] if "bias" in layer.param_names else [])
+    out = xp.concatenate(parts, axis=1)
+    return out if per_sample else out.sum(axis=0)
 
 
 def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):

@@ -156,7 +156,8 @@ class Conv2d(Layer):
         m = array_module(v)
         B, K, C_out = v.shape[:3]
         vl = v.reshape(B, K, C_out, -1)
-        gW = vl @ self._cols[:, None]  # (B, K, C_out, C*kh*kw)
+        # the K vectors stacked into one (K*C_out, L) matrix: one product per sample, no broadcast copy
+        gW = v.reshape(B, K * C_out, -1) @ self._cols  # (B, K*C_out, C*kh*kw)
         parts = [gW.reshape(B, K, -1)]
         if "bias" in self.param_names:
             parts.append(vl.sum(axis=3))
