@@ -64,7 +64,7 @@ def main(argv=None):
             return 1
 
     print("\n| method | alpha | epochs (best) | val MSE / pixel | val log p(x) | val output var | "
-          "FashionMNIST output var | var ratio | train time (s) |")
+          "FashionMNIST output var | var ratio | epoch time (s) |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     table = []
     for method, alpha in runs:
@@ -75,18 +75,21 @@ def main(argv=None):
         m = json.loads(path.read_text())
         v, o = m["val"], m["ood"] or {}
         a = m["config"]["alpha"] if method == "online" else None
-        ratio = o.get("x_var", 0) / v["x_var"] if v["x_var"] > 0 else float("nan")
+        ratio = f"{o.get('x_var', float('nan')) / v['x_var']:.2f}" if v["x_var"] > 0 else "-"
+        # median over epochs: robust to a resumed run (train_time_s counts only the last process)
+        epoch_time = sorted(r["epoch_time_s"] for r in m["history"])[len(m["history"]) // 2]
         name = {"ae": "AE", "posthoc": "post-hoc LAE", "online": "online LAE"}[method]
         print(f"| {name} | {'-' if a is None else f'{a:g}'} | {m['epochs_trained']} ({m['best_epoch']}) | "
               f"{v['mse']:.5f} | {v['log_px']:.2f} | {v['x_var']:.3g} | {o.get('x_var', float('nan')):.3g} | "
-              f"{ratio:.2f} | {m['train_time_s']:.0f} |")
+              f"{ratio} | {epoch_time:.0f} |")
         table.append({"method": method, "alpha": a, "metrics": path.as_posix(), "val": v, "ood": o,
-                      "epochs": m["epochs_trained"], "best_epoch": m["best_epoch"], "train_time_s": m["train_time_s"],
+                      "epochs": m["epochs_trained"], "best_epoch": m["best_epoch"], "median_epoch_time_s": epoch_time,
                       "command": m["command"]})
     n_images = max((t["val"]["n_images"] for t in table), default=0)
     n_samples = max((t["val"]["n_samples"] for t in table), default=0)
     print(f"\n{n_images} validation images, {n_samples} sampled networks for the LAEs (the AE is one network); "
-          "log p(x) in nats per image under N(x | x_k, I).")
+          "log p(x) in nats per image under N(x | x_k, I); epoch time: median over epochs (wall clock, "
+          "shared machine - see benchmarks/bench_epochs.py for controlled timings).")
     print("command: python benchmarks/table2.py " + " ".join(argv if argv is not None else sys.argv[1:]))
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "table2.json").write_text(json.dumps(table, indent=2))

@@ -1,6 +1,8 @@
 """minilae: Laplacian autoencoders from scratch, with every derivative written out and checked."""
-from . import backend, curvature, data, gradcheck, hessian, layers, losses, models, optim
+from . import (backend, curvature, data, gradcheck, hessian, laplace, layers, losses, models, online, optim,
+               posthoc, predictive, training)
 from .backend import get_backend, set_backend, xp
 
 __version__ = "0.1.0"
-__all__ = ["backend", "curvature", "data", "gradcheck", "hessian", "layers", "losses", "models", "optim", "get_backend", "set_backend", "xp"]
+__all__ = ["backend", "curvature", "data", "gradcheck", "hessian", "laplace", "layers", "losses", "models", "online",
+           "optim", "posthoc", "predictive", "training", "get_backend", "set_backend", "xp"]

@@ -125,8 +125,8 @@ def build_parser(suppress_defaults=False):
         description="Train a Laplacian autoencoder (Miani, Warburg et al., NeurIPS 2022) or its baselines on "
                     "MNIST / FashionMNIST, then report validation MSE, log p(x) and predictive variances and "
                     "save the paper's figures. With no flags: the online LAE (MLP, 2-D latent, approximate "
-                    "diagonal GGN) on MNIST for 10 epochs, about 5-10 minutes on 2 CPU cores "
-                    "(early stopping may end it sooner).",
+                    "diagonal GGN) on MNIST for 10 epochs, about 4 minutes in all (training, evaluation, figures) on "
+                    "2 idle CPU cores.",
         epilog="Data are read from --data-root, else $MINILAE_DATA, else ~/.cache/minilae/data "
                "(fetch them with `python datasets.py --root DIR`). Quick check: "
                "python -m minilae.train --epochs 2 --limit-train 2000 --limit-val 500 --samples 20",
