@@ -23,21 +23,10 @@ from __future__ import annotations
 import math
 
 from .backend import array_module
+from .validation import positive
 
 __all__ = ["DiagonalLaplace", "log_marginal_likelihood", "log_marginal_likelihood_grad",
            "optimize_prior_precision"]
-
-
-def _check_prior_precision(value):
-    """A finite float > 0."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"prior_precision must be a number > 0, got {value!r}") from err
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"prior_precision must be a finite number > 0, got {value}")
-    return value
-
 
 def _check_mean_and_ggn(mean, ggn):
     """mean: 1-D finite float vector; ggn: same shape, finite, >= 0."""
@@ -66,7 +55,7 @@ class DiagonalLaplace:
         _check_mean_and_ggn(mean, ggn)
         self.mean = mean
         self.ggn = ggn
-        self.prior_precision = _check_prior_precision(prior_precision)
+        self.prior_precision = positive(prior_precision, "prior_precision")
 
     def __repr__(self):
         return f"DiagonalLaplace(P={self.num_params}, prior_precision={self.prior_precision:.4g})"
@@ -119,7 +108,7 @@ class DiagonalLaplace:
 
     def log_marginal_likelihood(self, log_likelihood=0.0, prior_precision=None):
         """Laplace evidence log p(D | lambda) at this mean and GGN (see log_marginal_likelihood)."""
-        lam = self.prior_precision if prior_precision is None else _check_prior_precision(prior_precision)
+        lam = self.prior_precision if prior_precision is None else positive(prior_precision, "prior_precision")
         return log_marginal_likelihood(math.log(lam), self.mean, self.ggn, log_likelihood)
 
     def optimize_prior_precision(self, **kwargs):
@@ -183,7 +172,7 @@ def optimize_prior_precision(mean, ggn, init=1.0, tol=1e-8, max_iter=100, bounds
     _check_mean_and_ggn(mean, ggn)
     xp = array_module(mean)
     low, high = (math.log(b) for b in bounds)
-    s = min(max(math.log(_check_prior_precision(init)), low), high)
+    s = min(max(math.log(positive(init, "prior_precision")), low), high)
     g = ggn.astype(xp.float64)
     for _ in range(int(max_iter)):
         lam, sq_norm = _evidence_terms(s, mean, ggn)

@@ -12,20 +12,9 @@ from __future__ import annotations
 import math
 
 from .backend import array_module, asarray
+from .validation import positive
 
 __all__ = ["Optimizer", "SGD", "Adam", "ReduceLROnPlateau", "EarlyStopping"]
-
-
-def _positive(value, name):
-    """A finite float > 0, or ValueError naming the argument."""
-    try:
-        value = float(value)
-    except (TypeError, ValueError) as err:
-        raise TypeError(f"{name} must be a number, got {value!r}") from err
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value}")
-    return value
-
 
 def _in_unit_interval(value, name, closed_left=True):
     """A float in [0, 1) (or (0, 1) with closed_left=False)."""
@@ -79,7 +68,7 @@ class Optimizer:
 
     @lr.setter
     def lr(self, value):
-        self._lr = _positive(value, "lr")
+        self._lr = positive(value, "lr")
 
     def _check(self, theta, grad):
         xp = array_module(theta, grad)
@@ -170,7 +159,7 @@ class Adam(Optimizer):
         if len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
         self.betas = (_in_unit_interval(betas[0], "beta1"), _in_unit_interval(betas[1], "beta2"))
-        self.eps = _positive(eps, "eps")
+        self.eps = positive(eps, "eps")
         self.m = None
         self.v = None
 
@@ -206,7 +195,7 @@ class Adam(Optimizer):
         self.lr = d["lr"]
         betas = tuple(float(b) for b in d["betas"])
         self.betas = (_in_unit_interval(betas[0], "beta1"), _in_unit_interval(betas[1], "beta2"))
-        self.eps = _positive(d["eps"], "eps")
+        self.eps = positive(d["eps"], "eps")
         self.t = int(d["t"])
         m, v = _buffer(d.get("m")), _buffer(d.get("v"))
         if (m is None) != (v is None):

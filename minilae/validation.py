@@ -1,0 +1,15 @@
+"""Argument checks shared by the optimisers and the posterior."""
+from __future__ import annotations
+
+import math
+
+
+def positive(value, name):
+    """A finite float > 0, or TypeError / ValueError naming the argument."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a number > 0, got {value!r}") from err
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value}")
+    return value
