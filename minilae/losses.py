@@ -235,7 +235,7 @@ class Bernoulli(Likelihood):
     name = "bernoulli"
 
     def _check(self, f, y):
-        xp = _check_f(f)
+        _check_f(f)
         y = _check_y_like_f(f, y)
         bad = (y < 0) | (y > 1)
         if bool(bad.any()):

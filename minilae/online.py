@@ -53,14 +53,18 @@ Adam step has the same scale as the plain AE's.
 """
 from __future__ import annotations
 
-import math
-
 from .backend import array_module, asarray
 from .hessian import ggn_diagonal
 from .laplace import DiagonalLaplace
 from .losses import Gaussian, get_likelihood
 from .optim import Adam
-from .training import CheckpointError, TrainingDivergedError, check_finite, reconstruction_stats
+from .training import (
+    CheckpointError,
+    TrainingDivergedError,
+    check_finite,
+    reconstruction_stats,
+)
+from .validation import positive
 
 __all__ = ["OnlineLaplace", "DEFAULT_ALPHA", "HESSIAN_METHODS"]
 
@@ -92,9 +96,7 @@ class OnlineLaplace:
         self.model = model
         self.n_data = int(n_data)
         self.alpha = _check_alpha(alpha)
-        self.prior_precision = float(prior_precision)
-        if not (math.isfinite(self.prior_precision) and self.prior_precision > 0):
-            raise ValueError(f"prior_precision must be a finite number > 0, got {prior_precision}")
+        self.prior_precision = positive(prior_precision, "prior_precision")
         self.hessian, self.threshold, self.n_samples = hessian, threshold, int(n_samples)
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
         self.likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)

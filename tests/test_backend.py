@@ -11,7 +11,6 @@ import types
 import numpy as np
 import pytest
 
-from minilae import backend
 from minilae.backend import (BackendError, array_module, asarray, cupy_available, get_backend,
                              get_default_dtype, set_backend, set_default_dtype, to_numpy, xp)
 

@@ -10,7 +10,7 @@ import pytest
 
 from minilae.backend import set_default_dtype
 from minilae.gradcheck import assert_close, numerical_gradient, numerical_jacobian
-from minilae.layers import Conv2d, Flatten, Linear, MaxPool2d, Reshape, Sequential, Tanh, Upsample
+from minilae.layers import Conv2d, Flatten, Linear, MaxPool2d, Reshape, Tanh, Upsample
 from minilae.losses import Gaussian
 from minilae.models import Autoencoder, build_model, conv_autoencoder, mlp_autoencoder
 from minilae.optim import Adam
