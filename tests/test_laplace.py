@@ -12,7 +12,7 @@ from minilae.laplace import (DiagonalLaplace, log_marginal_likelihood, log_margi
                              optimize_prior_precision)
 
 CUPY_OK, CUPY_REASON = backend.cupy_available()
-BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON))]
+BACKENDS = ["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON)])]
 
 
 def make_posterior(rng, P=40, prior_precision=2.0, xp=np):

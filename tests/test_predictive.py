@@ -12,7 +12,7 @@ from minilae.predictive import _Moments, predict, predict_decoder
 
 IMAGE = (1, 3, 2)
 CUPY_OK, CUPY_REASON = backend.cupy_available()
-BACKENDS = ["numpy", pytest.param("cupy", marks=pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON))]
+BACKENDS = ["numpy", pytest.param("cupy", marks=[pytest.mark.gpu, pytest.mark.skipif(not CUPY_OK, reason=CUPY_REASON)])]
 
 
 def setup(rng, n_images=7):
