@@ -65,44 +65,23 @@ RUN_KEYS = ("dataset", "model", "method", "hessian", "threshold", "latent_size",
 # ----------------------------------------------------------------------------------------------
 # argument types with clear messages
 
-def _positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _typed(parse, accept, expected):
+    """An argparse type: parse the text, then accept(value) or fail with 'expected ...'."""
+    def convert(text):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text}")
+        return value
+    return convert
 
 
-def _nonneg_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
-
-
-def _positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
-    return value
-
-
-def _alpha(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
-    if not (0 < value <= 1):
-        raise argparse.ArgumentTypeError(f"alpha must lie in (0, 1], got {text}")
-    return value
+_positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
+_nonneg_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
+_positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_alpha = _typed(float, lambda v: 0 < v <= 1, "a forgetting rate (alpha must lie in (0, 1])")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
