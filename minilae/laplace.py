@@ -23,17 +23,20 @@ would be rounded anyway - possibly down, below itself.) A lambda the dtype canno
 round to 0 or overflow to inf) is refused.
 
 The prior precision is chosen by maximising the Laplace estimate of the evidence (the "marginal
-likelihood", MacKay 1992) over ``log lambda``; see :func:`log_marginal_likelihood`.
+likelihood", MacKay 1992) over ``log lambda``; see :func:`log_marginal_likelihood`. That estimate
+assumes the mean is the mode of the log-posterior under the prior, which is why both trainers
+(:class:`minilae.training.MAPTrainer` for post-hoc, :class:`minilae.online.OnlineLaplace`) add the
+prior's gradient (lambda / N) theta to the batch-mean loss.
 """
 from __future__ import annotations
 
 import math
 
 from .backend import array_module
-from .validation import positive
+from .validation import positive, positive_int
 
 __all__ = ["DiagonalLaplace", "log_marginal_likelihood", "log_marginal_likelihood_grad",
-           "optimize_prior_precision", "in_dtype"]
+           "optimize_prior_precision", "in_dtype", "check_rng"]
 
 def _check_mean_and_ggn(mean, ggn):
     """mean: 1-D finite float vector; ggn: same shape, finite, >= 0."""
@@ -55,6 +58,13 @@ def _check_mean_and_ggn(mean, ggn):
     if bool(negative.any()):
         raise ValueError(f"ggn must be >= 0 (the diagonal of a positive semi-definite GGN); "
                          f"{int(negative.sum())} entries are negative (min {float(ggn.min()):.3e})")
+
+
+def check_rng(rng):
+    """Refuse (TypeError) anything that is not a random Generator, naming what to pass."""
+    if not callable(getattr(rng, "standard_normal", None)):
+        raise TypeError(f"rng must be a random Generator of the parameters' backend, e.g. "
+                        f"minilae.backend.xp().random.default_rng(seed); got {type(rng).__name__}")
 
 
 def in_dtype(value, like, name="prior_precision"):
@@ -117,9 +127,9 @@ class DiagonalLaplace:
         ``rng`` is a Generator of the backend the mean lives on (numpy.random.default_rng(...) or
         its CuPy counterpart), so the noise is drawn where the parameters are.
         """
-        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        eps = rng.standard_normal((int(n_samples), self.num_params), dtype=self.mean.dtype)
+        n_samples = positive_int(n_samples, "n_samples")
+        check_rng(rng)
+        eps = rng.standard_normal((n_samples, self.num_params), dtype=self.mean.dtype)
         return self.mean + eps * self.std
 
     def log_density(self, theta):
