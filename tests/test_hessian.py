@@ -520,3 +520,15 @@ def test_f_with_another_x_is_refused_but_an_equal_copy_is_accepted():
     f = model(x)
     got = ggn_diagonal(model, lik, x.copy(), y, method="exact", f=f)
     assert_close(got, ggn_reference(model, lik, x, y), EXACT, "f with an equal copy of x")
+
+
+@pytest.mark.parametrize("method,kw", [("approx", {}), ("mixed", {"threshold": 20}), ("sqrt", {})])
+@pytest.mark.parametrize("net", ["conv", "conv_ae"])
+def test_every_method_refuses_what_its_estimate_says(net, method, kw):
+    """Catches 'approx' ignoring memory_budget (issue 8, item 15): it ran whatever the budget said,
+    while estimate_cost(..., 'approx') promised the same refusal as the other methods."""
+    model, lik, x, y = make(net, "gaussian")
+    need = estimate_cost(model, tuple(x.shape[1:]), BATCH, method, dtype=np.float64, **kw).peak_bytes
+    ggn_diagonal(model, lik, x, y, method=method, memory_budget=need, **kw)  # exactly enough: runs
+    with pytest.raises(MemoryBudgetError, match=rf"would need .* \({need} bytes\)"):
+        ggn_diagonal(model, lik, x, y, method=method, memory_budget=need - 1, **kw)

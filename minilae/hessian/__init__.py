@@ -55,7 +55,7 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
     budget = resolve_budget(memory_budget, xp)
     B, d = f.shape[0], size(f.shape[1:])
     if method == "approx":
-        return approx_diagonal(layers, lik.hess_diag(f, y), per_sample)
+        return approx_diagonal(layers, shapes, lik.hess_diag(f, y), budget, per_sample)
     if method == "mixed":
         form = plan_forms("mixed", [d], threshold)[0][0]
         if form == "diag":
