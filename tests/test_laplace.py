@@ -126,6 +126,9 @@ def test_sample_and_log_density_validate_arguments(rng):
     post = make_posterior(rng)
     with pytest.raises(ValueError, match="n_samples"):
         post.sample(0, np.random.default_rng(0))
+    for bad_rng in (None, 3):  # catches an AttributeError ('NoneType' ... 'standard_normal') instead
+        with pytest.raises(TypeError, match="rng must be a random Generator.*default_rng"):
+            post.sample(2, bad_rng)
     with pytest.raises(ValueError, match="theta must have shape"):
         post.log_density(np.zeros(post.num_params + 1))
 
