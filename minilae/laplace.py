@@ -15,18 +15,28 @@ H positive semi-definite, hence ``G >= 0`` entry by entry, and ``lambda > 0``, s
 ``Lambda >= lambda > 0`` and every variance ``1 / Lambda`` lies in ``(0, 1 / lambda]``.
 The constructor checks both facts instead of trusting them.
 
+The promise holds in the working dtype (that of ``mean`` and ``ggn``, e.g. float32), not only in
+exact arithmetic: ``lambda`` is stored rounded to the nearest value of that dtype, so it is exactly
+representable there, and rounding is monotone, hence fl(G + lambda) >= lambda and
+fl(1 / fl(G + lambda)) <= fl(1 / lambda) entry by entry. (A float64 lambda added to a float32 GGN
+would be rounded anyway - possibly down, below itself.) A lambda the dtype cannot hold (it would
+round to 0 or overflow to inf) is refused.
+
 The prior precision is chosen by maximising the Laplace estimate of the evidence (the "marginal
-likelihood", MacKay 1992) over ``log lambda``; see :func:`log_marginal_likelihood`.
+likelihood", MacKay 1992) over ``log lambda``; see :func:`log_marginal_likelihood`. That estimate
+assumes the mean is the mode of the log-posterior under the prior, which is why both trainers
+(:class:`minilae.training.MAPTrainer` for post-hoc, :class:`minilae.online.OnlineLaplace`) add the
+prior's gradient (lambda / N) theta to the batch-mean loss.
 """
 from __future__ import annotations
 
 import math
 
 from .backend import array_module
-from .validation import positive
+from .validation import positive, positive_int
 
 __all__ = ["DiagonalLaplace", "log_marginal_likelihood", "log_marginal_likelihood_grad",
-           "optimize_prior_precision"]
+           "optimize_prior_precision", "in_dtype", "check_rng"]
 
 def _check_mean_and_ggn(mean, ggn):
     """mean: 1-D finite float vector; ggn: same shape, finite, >= 0."""
@@ -42,10 +52,32 @@ def _check_mean_and_ggn(mean, ggn):
         bad = ~xp.isfinite(a)
         if bool(bad.any()):
             raise ValueError(f"{name} has {int(bad.sum())} non-finite entries (nan/inf)")
+    if ggn.dtype != mean.dtype:
+        raise TypeError(f"ggn must have the mean's dtype {mean.dtype} (the posterior's working dtype), got {ggn.dtype}")
     negative = ggn < 0
     if bool(negative.any()):
         raise ValueError(f"ggn must be >= 0 (the diagonal of a positive semi-definite GGN); "
                          f"{int(negative.sum())} entries are negative (min {float(ggn.min()):.3e})")
+
+
+def check_rng(rng):
+    """Refuse (TypeError) anything that is not a random Generator, naming what to pass."""
+    if not callable(getattr(rng, "standard_normal", None)):
+        raise TypeError(f"rng must be a random Generator of the parameters' backend, e.g. "
+                        f"minilae.backend.xp().random.default_rng(seed); got {type(rng).__name__}")
+
+
+def in_dtype(value, like, name="prior_precision"):
+    """A positive float rounded to the nearest value of the dtype of array like (returned as a Python float).
+
+    Refused (ValueError) when the rounding gives 0 or inf.
+    """
+    value, dtype = positive(value, name), like.dtype
+    rounded = float(dtype.type(value)) if value <= float(array_module(like).finfo(dtype).max) else math.inf
+    if not (0 < rounded < math.inf):
+        raise ValueError(f"{name}={value:.6g} is outside the range of {dtype} (it would round to {rounded}); "
+                         "use float64 parameters or a prior precision within the dtype's range")
+    return rounded
 
 
 class DiagonalLaplace:
@@ -55,7 +87,16 @@ class DiagonalLaplace:
         _check_mean_and_ggn(mean, ggn)
         self.mean = mean
         self.ggn = ggn
-        self.prior_precision = positive(prior_precision, "prior_precision")
+        self.prior_precision = prior_precision
+
+    @property
+    def prior_precision(self) -> float:
+        """lambda, held rounded to the working dtype so that Lambda >= lambda holds in that dtype."""
+        return self._prior_precision
+
+    @prior_precision.setter
+    def prior_precision(self, value):
+        self._prior_precision = in_dtype(value, self.mean)
 
     def __repr__(self):
         return f"DiagonalLaplace(P={self.num_params}, prior_precision={self.prior_precision:.4g})"
@@ -86,9 +127,9 @@ class DiagonalLaplace:
         ``rng`` is a Generator of the backend the mean lives on (numpy.random.default_rng(...) or
         its CuPy counterpart), so the noise is drawn where the parameters are.
         """
-        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        eps = rng.standard_normal((int(n_samples), self.num_params), dtype=self.mean.dtype)
+        n_samples = positive_int(n_samples, "n_samples")
+        check_rng(rng)
+        eps = rng.standard_normal((n_samples, self.num_params), dtype=self.mean.dtype)
         return self.mean + eps * self.std
 
     def log_density(self, theta):
@@ -131,9 +172,13 @@ class DiagonalLaplace:
 # d/ds is > 0 as lambda -> 0 and -> -inf as lambda -> inf).
 
 def _evidence_terms(log_prior_precision, mean, ggn):
-    lam = math.exp(float(log_prior_precision))
+    try:
+        lam = math.exp(float(log_prior_precision))
+    except OverflowError:  # exp of more than ~709: report it like every other out-of-range lambda
+        lam = math.inf
     if not (math.isfinite(lam) and lam > 0):
-        raise ValueError(f"log_prior_precision={log_prior_precision} gives a prior precision outside (0, inf)")
+        raise ValueError(f"log_prior_precision={log_prior_precision} gives a prior precision exp(s) outside the "
+                         "float range (0, inf)")
     sq_norm = float((mean.astype(array_module(mean).float64) ** 2).sum())
     return lam, sq_norm
 

@@ -2,7 +2,9 @@
 
 An `Autoencoder` is one Sequential (encoder layers then decoder layers) so that the Hessian
 engine and the Laplace posterior see a single flat parameter vector; `encode` and `decode`
-run the two halves.
+run the two halves. They share the model's layers, so they overwrite those layers' caches: after
+either, the model's own products (`vjp_params`, the Hessian engine with ``f=f``) refuse to run until
+the next `model(x)` rather than mix caches of two batches.
 """
 from __future__ import annotations
 
@@ -31,8 +33,21 @@ class Autoencoder(Sequential):
         """The remaining layers (shares the layer objects)."""
         return Sequential(*self.layers[self.n_encoder:])
 
+    def out_shape(self, in_shape):
+        """The image shape back; images of another shape are refused here, naming the expected shape
+        (a flattening encoder would otherwise accept any image with as many pixels)."""
+        self._check_images(in_shape)
+        return super().out_shape(in_shape)
+
+    def _check_images(self, in_shape):
+        if tuple(in_shape) != self.input_shape:
+            raise ValueError(f"{type(self).__name__} takes images of shape (B, {', '.join(map(str, self.input_shape))})"
+                             f"; got per-sample shape {tuple(in_shape)}")
+
     def encode(self, x):
         """z = encoder(x)."""
+        if hasattr(x, "shape"):
+            self._check_images(tuple(x.shape[1:]))
         return self.encoder.forward(x)
 
     def decode(self, z):

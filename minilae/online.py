@@ -5,7 +5,8 @@ approximation q_t(theta) = N(theta | theta_t, (H_t + lambda)^-1) that moves alon
 Per minibatch x (B images of a training set of N):
 
   1. sample theta_s ~ q_t                                   (one sample by default, ``n_samples``)
-  2. theta_{t+1} = theta_t - Adam(grad_theta mean_b -log p(x_b | theta) at theta_s)        (eq. 10)
+  2. theta_{t+1} = theta_t - Adam(g_t),                                                     (eq. 10)
+       g_t = grad_theta mean_b -log p(x_b | theta) at theta_s  +  (lambda / N) theta_t
   3. H_{t+1}     = (1 - alpha) H_t + (N / B) G_t,  G_t = diag GGN of the batch at theta_s  (eq. 11)
 
 Design choices, and why:
@@ -47,15 +48,19 @@ Design choices, and why:
   batch at the initial mean: the recursion's stationary value for that batch, so q_0 is already a
   (tempered) Laplace approximation at theta_0 and H_t needs no warm-up.
 
-The gradient step uses the reconstruction term only (eq. 10); the prior enters through the
-precision. The loss is the mean over the batch of the per-image negative log-likelihood, so the
-Adam step has the same scale as the plain AE's.
+* **The prior in the mean's step: weight decay lambda / N.** The precision H_t + lambda is the
+  Hessian of -log p(D | theta) - log p(theta), so the mean must follow the gradient of the same
+  objective, or it would drift to the mode of the likelihood alone while the precision holds the
+  prior. Divided by N to keep the per-image scale of the plain AE's step, the objective is
+  E_q[mean_b -log p(x_b | theta)] + lambda / (2N) ||theta_t||^2 (the Gaussian prior's expectation under
+  q is lambda/2 (||theta_t||^2 + tr Sigma), whose gradient in the mean is exactly lambda theta_t): the
+  batch term is estimated at the sample theta_s, the prior term is exact at the mean theta_t.
 """
 from __future__ import annotations
 
 from .backend import array_module, asarray
 from .hessian import ggn_diagonal
-from .laplace import DiagonalLaplace
+from .laplace import DiagonalLaplace, check_rng
 from .losses import Gaussian, get_likelihood
 from .optim import Adam
 from .training import (
@@ -64,7 +69,8 @@ from .training import (
     check_finite,
     reconstruction_stats,
 )
-from .validation import positive
+from .hessian.cost import check_threshold
+from .validation import positive, positive_int
 
 __all__ = ["OnlineLaplace", "DEFAULT_ALPHA", "HESSIAN_METHODS"]
 
@@ -89,15 +95,14 @@ class OnlineLaplace:
                  n_samples=1, optimizer=None, likelihood=None):
         if hessian not in HESSIAN_METHODS:
             raise ValueError(f"unknown Hessian method {hessian!r}; choose one of {', '.join(HESSIAN_METHODS)}")
-        if isinstance(n_samples, bool) or int(n_samples) != n_samples or n_samples < 1:
-            raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-        if isinstance(n_data, bool) or int(n_data) != n_data or n_data < 1:
-            raise ValueError(f"n_data (the training-set size N) must be a positive integer, got {n_data!r}")
+        if threshold is not None:
+            check_threshold(threshold)  # refused now, not at the first 'mixed' step
         self.model = model
-        self.n_data = int(n_data)
+        self.n_data = positive_int(n_data, "n_data (the training-set size N)")
         self.alpha = _check_alpha(alpha)
         self.prior_precision = positive(prior_precision, "prior_precision")
-        self.hessian, self.threshold, self.n_samples = hessian, threshold, int(n_samples)
+        self.hessian, self.threshold = hessian, threshold
+        self.n_samples = positive_int(n_samples, "n_samples")
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
         self.likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
         self.theta = model.get_params()
@@ -105,9 +110,20 @@ class OnlineLaplace:
         self.t = 0
 
     def posterior(self):
-        """q_t = N(theta_t, (H_t + lambda)^-1) as a DiagonalLaplace (H_t = 0 before the first step)."""
-        H = self.H if self.H is not None else array_module(self.theta).zeros_like(self.theta)
+        """q_t = N(theta_t, (H_t + lambda)^-1) as a DiagonalLaplace of copies: later steps leave it as it is."""
+        return self._q(copy=True)
+
+    def _q(self, copy):
+        """q_t, on copies of theta_t and H_t or on the trainer's own arrays (the step's sampling only)."""
+        xp = array_module(self.theta)
+        H = self.H if self.H is not None else xp.zeros_like(self.theta)
+        if copy:
+            return DiagonalLaplace(self.theta.copy(), H.copy(), self.prior_precision)
         return DiagonalLaplace(self.theta, H, self.prior_precision)
+
+    def prior_grad(self):
+        """(lambda / N) theta_t: the gradient of the prior's share lambda / (2N) ||theta_t||^2 of the objective."""
+        return (self.prior_precision / self.n_data) * self.theta
 
     def batch_ggn(self, x, f):
         """(N / B) G, G = diag sum_b J_b^T H_out J_b at the model's current parameters (last forward gave f)."""
@@ -129,11 +145,15 @@ class OnlineLaplace:
         return self.batch_ggn(x, f) / self.alpha
 
     def step(self, x, rng):
-        """One minibatch of eq. 10-11: sample, Adam step on the mean, precision update; host stats."""
+        """One minibatch of eq. 10-11: sample, Adam step on the mean, precision update; host stats.
+
+        rng: a Generator of the backend (e.g. minilae.backend.xp().random.default_rng(seed)) for theta_s.
+        """
+        check_rng(rng)  # before H_0 is computed: a refused step changes nothing
         if self.H is None:
             self.H = self._initial_precision(x)
         B = x.shape[0]
-        thetas = self.posterior().sample(self.n_samples, rng)
+        thetas = self._q(copy=False).sample(self.n_samples, rng)
         grad = G = None
         stats = {}
         for theta_s in thetas:
@@ -149,6 +169,7 @@ class OnlineLaplace:
             for k, v in reconstruction_stats(f, x, nll).items():
                 stats[k] = stats.get(k, 0.0) + v / self.n_samples
         grad /= self.n_samples
+        grad += self.prior_grad()
         G /= self.n_samples
         self.optimizer.step(self.theta, grad)
         self.model.set_params(self.theta)

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 from .backend import asarray, to_numpy, xp
 from .losses import Gaussian, get_likelihood
+from .validation import positive_int
 
 __all__ = ["Prediction", "predict", "predict_decoder"]
 
@@ -84,9 +85,8 @@ def _networks(model, posterior, n_samples, rng):
 
 
 def _check_inputs(n_samples, batch_size):
-    for name, v in (("n_samples", n_samples), ("batch_size", batch_size)):
-        if isinstance(v, bool) or int(v) != v or v < 1:
-            raise ValueError(f"{name} must be a positive integer, got {v!r}")
+    positive_int(n_samples, "n_samples")
+    positive_int(batch_size, "batch_size")
 
 
 def predict(model, x, posterior=None, n_samples=100, rng=None, batch_size=500, likelihood=None):

@@ -221,8 +221,10 @@ def _load_images(name, split, limit, root):
 
 def _make_trainer(config, model, n_train):
     optimizer = Adam(lr=config["lr"])
-    if config["method"] in ("ae", "posthoc"):
-        return MAPTrainer(model, optimizer)
+    if config["method"] == "ae":
+        return MAPTrainer(model, optimizer)  # eq. 1: no prior
+    if config["method"] == "posthoc":  # the MAP under lambda that the Laplace posterior assumes
+        return MAPTrainer(model, optimizer, prior_precision=config["prior_precision"], n_data=n_train)
     return OnlineLaplace(model, n_train, config["alpha"], prior_precision=config["prior_precision"],
                          hessian=config["hessian"], threshold=config["threshold"], n_samples=config["train_samples"],
                          optimizer=optimizer)

@@ -42,6 +42,7 @@ from .backend import array_module, asarray, to_numpy, xp
 from .data import batches, n_batches
 from .losses import Gaussian, get_likelihood
 from .optim import Adam, EarlyStopping, ReduceLROnPlateau
+from .validation import positive, positive_int
 
 __all__ = ["TrainingDivergedError", "CheckpointError", "MAPTrainer", "fit", "epoch_rngs",
            "reconstruction_mse", "check_finite", "model_signature", "check_signature",
@@ -103,14 +104,25 @@ def epoch_rngs(seed, epoch):
 # the plain autoencoder
 
 class MAPTrainer:
-    """Plain AE (eq. 1): theta <- Adam step with the gradient of mean_b -log p(x_b | theta)."""
+    """theta <- Adam step on mean_b -log p(x_b | theta) + lambda / (2N) ||theta||^2.
+
+    prior_precision = 0 (the default) is the plain AE of eq. 1. For post-hoc Laplace pass the prior
+    precision lambda and the training-set size N: the objective is then -log p(theta | D) / N up to a
+    constant, so training ends at (an estimate of) the mode under lambda that the Laplace posterior
+    and its evidence assume; lambda / N is the weight decay on the batch-mean loss.
+    """
 
     method = "ae"
 
-    def __init__(self, model, optimizer=None, likelihood=None):
+    def __init__(self, model, optimizer=None, likelihood=None, prior_precision=0.0, n_data=None):
         self.model = model
         self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
         self.likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
+        self.prior_precision = 0.0 if prior_precision == 0 else positive(prior_precision, "prior_precision")
+        if self.prior_precision and n_data is None:
+            raise ValueError("a prior (prior_precision > 0) needs n_data, the training-set size N of the "
+                             "weight decay lambda / N")
+        self.n_data = None if n_data is None else positive_int(n_data, "n_data (the training-set size N)")
         self.theta = model.get_params()
         self.t = 0  # optimiser steps taken
 
@@ -119,12 +131,14 @@ class MAPTrainer:
         return None
 
     def loss_and_grad(self, x):
-        """Forward at the current parameters; return (f, nll (B,), grad of mean_b nll_b (P,))."""
+        """Forward at the current parameters; (f, nll (B,), grad of mean_b nll_b + lambda/(2N) ||theta||^2 (P,))."""
         f = self.model.forward(x)
         check_finite("the reconstruction", f, self.t + 1)
         nll = self.likelihood.nll(f, x)
         # d/dtheta mean_b l_b = J^T (dl/df / B): one backward pass
         grad = self.model.vjp_params(self.likelihood.grad(f, x) / x.shape[0])
+        if self.prior_precision:
+            grad += (self.prior_precision / self.n_data) * self.theta  # the prior: weight decay lambda / N
         check_finite("the gradient", grad, self.t + 1)
         return f, nll, grad
 
@@ -148,8 +162,9 @@ class MAPTrainer:
         self.model.set_params(self.theta)
 
     def state_dict(self):
-        """theta, step count and optimiser state."""
-        return {"theta": self.theta.copy(), "t": self.t, "optimizer": self.optimizer.state_dict()}
+        """theta, step count, prior (lambda, N) and optimiser state."""
+        return {"theta": self.theta.copy(), "t": self.t, "prior_precision": self.prior_precision,
+                "n_data": self.n_data, "optimizer": self.optimizer.state_dict()}
 
     def load_state_dict(self, d):
         """Restore theta, step count and optimiser state."""
@@ -159,6 +174,8 @@ class MAPTrainer:
         self.theta = theta.copy()
         self.model.set_params(self.theta)
         self.t = int(d["t"])
+        if "prior_precision" in d:  # checkpoints written before the prior entered the objective lack it
+            self.prior_precision, self.n_data = float(d["prior_precision"]), d["n_data"]
         self.optimizer.load_state_dict(d["optimizer"])
 
 

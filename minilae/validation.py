@@ -13,3 +13,10 @@ def positive(value, name):
     if not (math.isfinite(value) and value > 0):
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
     return value
+
+
+def positive_int(value, name):
+    """An integer >= 1 (bools refused), or ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)

@@ -328,7 +328,6 @@ def test_ggn_equals_fd_hessian_when_linear_in_parameters(layer_name, lik_name):
 @pytest.mark.parametrize("method,kw", [("approx", {}), ("exact", {}), ("sqrt", {}), ("mixed", {"threshold": 20})])
 def test_per_sample_sums_to_batch_and_f_is_not_recomputed(method, kw):
     model, lik, x, y = make("conv", "bernoulli")
-    f = model(x)
     summed = ggn_diagonal(model, lik, x, y, method=method, **kw)
     per = ggn_diagonal(model, lik, x, y, method=method, per_sample=True, **kw)
     assert summed.shape == (model.num_params,) and per.shape == (BATCH, model.num_params)
@@ -337,6 +336,7 @@ def test_per_sample_sums_to_batch_and_f_is_not_recomputed(method, kw):
     def no_forward(*args, **kwargs):
         raise AssertionError("the model was run again although f was given")
 
+    f = model(x)
     model.forward = no_forward
     assert_close(ggn_diagonal(model, lik, x, y, method=method, f=f, **kw), summed, EXACT, "with f given")
 
@@ -349,7 +349,7 @@ def test_single_layer_and_wrong_inputs_are_reported():
     assert ggn_diagonal(layer, "gaussian", x, y).shape == (8,)  # likelihood by name
     with pytest.raises(ValueError, match="method"):
         ggn_diagonal(layer, Gaussian(), x, y, method="kfac")
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match="f is not the output of the model's last forward"):
         ggn_diagonal(layer, Gaussian(), x, y, f=np.zeros((4, 3)))
 
     class Square(Layer):
@@ -440,3 +440,95 @@ def test_cupy_matches_numpy(net, lik_name):
         assert_close(to_numpy(got), expected[method], EXACT, f"cupy {method}")
     for got, want in zip(ggn_blocks(model, lik, x, y), blocks):
         assert_close(to_numpy(got), want, EXACT, "cupy block")
+
+
+# ---- f=f must belong to the caches (issue 8, item 2) -------------------------------------------
+
+GGN_CALLS = {"approx": lambda m, l, x, y, f: ggn_diagonal(m, l, x, y, method="approx", f=f),
+             "exact": lambda m, l, x, y, f: ggn_diagonal(m, l, x, y, method="exact", f=f),
+             "mixed": lambda m, l, x, y, f: ggn_diagonal(m, l, x, y, method="mixed", threshold=4, f=f),
+             "sqrt": lambda m, l, x, y, f: ggn_diagonal(m, l, x, y, method="sqrt", f=f),
+             "blocks": lambda m, l, x, y, f: ggn_blocks(m, l, x, y, f=f)}
+STALE = "f is not the output of the model's last forward"
+
+
+def ggn_reference(model, lik, x, y):
+    """The GGN diagonal from the dense Jacobians at x (independent of the engine's caches)."""
+    return np.diagonal(to_numpy(brute_force_ggn(model, lik, x, y))).copy()
+
+
+@pytest.mark.parametrize("call", list(GGN_CALLS))
+@pytest.mark.parametrize("net", ["mlp_ae", "conv_ae", "nested"])
+def test_f_of_an_earlier_forward_is_refused(net, call):
+    """Catches forward_once checking only the first layer's cached input shape: after model(x1), model(x2)
+    (same shape), passing x1 and f1 silently gave the GGN of x2 (7% off on the MLP AE)."""
+    model, lik, x1, y = make(net, "gaussian")
+    x2 = x1[::-1] * 0.5
+    f1 = model(x1)
+    model(x2)
+    with pytest.raises(ValueError, match=STALE):
+        GGN_CALLS[call](model, lik, x1, y, f1)
+    f1 = model(x1)  # the same call right after its own forward is accepted and right
+    got = GGN_CALLS[call](model, lik, x1, y, f1)
+    if call != "blocks":
+        assert_close(got, ggn_reference(model, lik, x1, y) if call in ("exact", "sqrt") else
+                     GGN_CALLS[call](model, lik, x1, y, None), EXACT, f"{call} with f of its own forward")
+
+
+@pytest.mark.parametrize("call", list(GGN_CALLS))
+def test_f_after_set_params_or_a_shared_layer_forward_is_refused(call):
+    """Catches the engine reading caches taken at other parameters (set_params since f) or written by a
+    forward of a sub-model sharing the layers (the encoder), which f=f used to accept."""
+    model, lik, x, y = make("mlp_ae", "gaussian")
+    f = model(x)
+    model.set_params(model.get_params() * 1.1)
+    with pytest.raises(ValueError, match=STALE):
+        GGN_CALLS[call](model, lik, x, y, f)
+    f = model(x)
+    model.encode(x[:1])
+    with pytest.raises(ValueError, match=STALE):
+        GGN_CALLS[call](model, lik, x, y, f)
+
+
+def test_f_after_predict_is_refused(rng):
+    """Catches predict() leaving the caches of its last sampled network (parameters restored, caches not):
+    ggn_diagonal(x, f=f) from before predict came out 50% wrong without an error."""
+    from minilae.laplace import DiagonalLaplace
+    from minilae.predictive import predict
+
+    model, lik, x, y = make("mlp_ae", "gaussian")
+    theta = model.get_params()
+    posterior = DiagonalLaplace(theta, np.full(theta.shape, 10.0), 1.0)
+    f = model(x)
+    predict(model, x, posterior, n_samples=2, rng=np.random.default_rng(0))
+    np.testing.assert_array_equal(model.get_params(), theta)
+    with pytest.raises(ValueError, match=STALE):
+        ggn_diagonal(model, lik, x, y, method="exact", f=f)
+    assert_close(ggn_diagonal(model, lik, x, y, method="exact"), ggn_reference(model, lik, x, y), EXACT,
+                 "recomputed after predict")
+
+
+def test_f_with_another_x_is_refused_but_an_equal_copy_is_accepted():
+    """Catches x being used for shapes only: ggn_diagonal(x2, f=model(x1)) gave the GGN at x1 for x2."""
+    model, lik, x, y = make("conv_ae", "gaussian")
+    f = model(x)
+    with pytest.raises(ValueError, match="another input than x"):
+        ggn_diagonal(model, lik, x * 0.5, y, method="exact", f=f)
+    f = model(x)
+    with pytest.raises(ValueError, match="another input than x"):
+        ggn_diagonal(model, lik, x[:2], y[:2], method="exact", f=f)
+    f = model(x)
+    got = ggn_diagonal(model, lik, x.copy(), y, method="exact", f=f)
+    assert_close(got, ggn_reference(model, lik, x, y), EXACT, "f with an equal copy of x")
+
+
+@pytest.mark.parametrize("method,kw", [("approx", {}), ("mixed", {"threshold": 20}), ("sqrt", {})])
+@pytest.mark.parametrize("net", ["conv", "conv_ae"])
+def test_every_method_refuses_what_its_estimate_says(net, method, kw):
+    """Catches 'approx' ignoring memory_budget (issue 8, item 15): it ran whatever the budget said,
+    while estimate_cost(..., 'approx') promised the same refusal as the other methods."""
+    model, lik, x, y = make(net, "gaussian")
+    need = estimate_cost(model, tuple(x.shape[1:]), BATCH, method, dtype=np.float64, **kw).peak_bytes
+    ggn_diagonal(model, lik, x, y, method=method, memory_budget=need, **kw)  # exactly enough: runs
+    with pytest.raises(MemoryBudgetError, match=rf"would need .* \({need} bytes\)"):
+        ggn_diagonal(model, lik, x, y, method=method, memory_budget=need - 1, **kw)

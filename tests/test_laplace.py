@@ -126,5 +126,73 @@ def test_sample_and_log_density_validate_arguments(rng):
     post = make_posterior(rng)
     with pytest.raises(ValueError, match="n_samples"):
         post.sample(0, np.random.default_rng(0))
+    for bad_rng in (None, 3):  # catches an AttributeError ('NoneType' ... 'standard_normal') instead
+        with pytest.raises(TypeError, match="rng must be a random Generator.*default_rng"):
+            post.sample(2, bad_rng)
     with pytest.raises(ValueError, match="theta must have shape"):
         post.log_density(np.zeros(post.num_params + 1))
+
+
+# ----------------------------------------------------------------------------------------------
+# the promise Lambda >= lambda, sigma^2 <= 1 / lambda in the working dtype (issue 8, item 1)
+
+def adversarial_ggn(lam, dtype):
+    """G = 0, entries far below half an ulp of lambda (they round away), one ulp, and ordinary values."""
+    ulp = float(np.spacing(dtype(lam)))
+    return np.array([0.0, 1e-30, 1e-8 * lam, 0.49 * ulp, 0.51 * ulp, ulp, 1.5 * ulp, 0.3, 2.0 * lam, 1e4],
+                    dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("lam", [91.58175273734612, 0.1, 1 / 3, 7.3e-3, 1e7 + 0.3])
+def test_precision_is_at_least_the_prior_precision_in_the_working_dtype(dtype, lam):
+    """Catches Lambda = ggn + lambda computed with a float64 lambda rounded (down) into float32, which put
+    the precision below the reported prior precision (91.58174896 < 91.58175274 in the post-hoc CLI run)."""
+    ggn = adversarial_ggn(lam, dtype)
+    post = DiagonalLaplace(np.zeros(ggn.size, dtype=dtype), ggn, lam)
+    lam_stored = post.prior_precision
+    assert lam_stored == float(dtype(lam))  # lambda rounded to the nearest value of the dtype
+    assert post.precision.dtype == dtype and post.variance.dtype == dtype
+    precision, variance = post.precision.astype(np.float64), post.variance.astype(np.float64)
+    assert (precision >= lam_stored).all(), precision - lam_stored
+    assert precision.min() == lam_stored  # G = 0 and the entries that round away give lambda exactly
+    assert (variance <= float(dtype(1) / dtype(lam_stored))).all()  # 1 / lambda in the same dtype
+    assert (variance > 0).all()
+    # the evidence and the optimiser work with the same stored lambda
+    assert post.log_marginal_likelihood() == log_marginal_likelihood(math.log(lam_stored), post.mean, post.ggn)
+
+
+def test_optimised_prior_precision_is_stored_in_the_working_dtype(rng):
+    """Catches optimize_prior_precision writing a float64 lambda back that float32 precisions fall below."""
+    post = make_posterior(rng)
+    post32 = DiagonalLaplace(post.mean.astype(np.float32), post.ggn.astype(np.float32), 1.0)
+    lam = post32.optimize_prior_precision()
+    assert lam == post32.prior_precision == float(np.float32(lam))
+    assert (post32.precision.astype(np.float64) >= lam).all()
+    expected = optimize_prior_precision(post32.mean, post32.ggn)
+    assert lam == pytest.approx(expected, rel=1e-7)  # within float32 rounding of the float64 maximiser
+
+
+@pytest.mark.parametrize("lam, match", [(1e39, "outside the range of float32.*inf"),
+                                        (1e-46, "outside the range of float32.*0.0")])
+def test_prior_precision_the_dtype_cannot_hold_is_refused(lam, match):
+    """Catches a float32 posterior whose lambda overflows to inf (variance 0) or underflows to 0 (variance inf)."""
+    with pytest.raises(ValueError, match=match):
+        DiagonalLaplace(np.zeros(3, np.float32), np.zeros(3, np.float32), lam)
+
+
+def test_ggn_of_another_dtype_is_refused():
+    """Catches a float64 mean with a float32 GGN, whose precision would live in a third, unstated dtype."""
+    with pytest.raises(TypeError, match="ggn must have the mean's dtype float64"):
+        DiagonalLaplace(np.zeros(3), np.zeros(3, np.float32))
+
+
+@pytest.mark.parametrize("log_prior_precision", [710.0, 1e4, -800.0, math.inf, math.nan])
+def test_evidence_at_an_unrepresentable_prior_precision_is_a_clear_error(log_prior_precision, rng):
+    """Catches math.exp raising a bare OverflowError for log lambda > ~709; the other values pin the same
+    one-line message for lambda = 0, inf and nan."""
+    post = make_posterior(rng)
+    for f in (lambda s: log_marginal_likelihood(s, post.mean, post.ggn),
+              lambda s: log_marginal_likelihood_grad(s, post.mean, post.ggn)):
+        with pytest.raises(ValueError, match="log_prior_precision=.*outside the float range"):
+            f(log_prior_precision)

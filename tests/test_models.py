@@ -274,3 +274,63 @@ def test_plain_autoencoder_learns_mnist(kind, rng):
     before, after = train(model, x, steps=30, lr=1e-3 if kind == "mlp" else 3e-3, batch=32, rng=rng)
     assert after < 0.7 * before, f"reconstruction error only fell from {before:.4f} to {after:.4f}"
     assert after < float(np.var(x)), "not better than a constant grey image"
+
+
+# ---- caches after encode / decode, and images of the wrong shape (issue 8, items 3 and 15) ----------
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("run_halves", ["encode", "decode", "encode_then_decode"])
+def test_products_after_encode_or_decode_refuse_until_the_next_forward(kind, run_halves, rng):
+    """Catches encode/decode leaving the model's caches inconsistent: model(x1); encode(x2) made a later
+    model.vjp_params mix the encoder caches of x2 with the decoder caches of x1 without an error."""
+    model = SMALL_MODELS[kind]()
+    image = (3,) + model.input_shape
+    x1, x2, v = rng.random(image), rng.random(image), rng.standard_normal(image)
+    model(x1)
+    if run_halves in ("encode", "encode_then_decode"):
+        z = model.encode(x2)
+    if run_halves in ("decode", "encode_then_decode"):
+        model.decode(z if run_halves == "encode_then_decode" else rng.standard_normal((3, model.latent_size)))
+    for product in (lambda: model.vjp_params(v), lambda: model.vjp_input(v),
+                    lambda: model.vjp_params(v, per_sample=True)):
+        with pytest.raises(RuntimeError, match=r"Autoencoder\(\d+ layers\): the layers' caches no longer belong"):
+            product()
+    model(x2)  # a forward makes the caches the model's again: the products are those at x2
+    g = model.vjp_params(v)
+    theta = model.get_params()
+
+    def inner(th):
+        model.set_params(th)
+        return np.array([(model(x2) * v).sum()])
+
+    assert_close(g, numerical_gradient(inner, theta.copy()), RTOL, "J_p^T v after the new forward")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("shape", [(1, 16, 4), (1, 64), (64,), (4, 4, 4), (1, 4, 4)])
+def test_images_of_the_wrong_shape_are_refused_naming_the_expected_shape(kind, shape, rng):
+    """Catches an MLP AE accepting any image with as many pixels, (1, 64) or (1, 16, 4) for (1, 8, 8),
+    and the mismatch surfacing later as 'y must have the same shape as f' (blamed on the target)."""
+    model = conv_autoencoder((1, 8, 8), 2, (2, 3), (5,)) if kind == "conv" else mlp_autoencoder((1, 8, 8), 2, (5,))
+    x = rng.random((2,) + shape)
+    expected = r"Autoencoder takes images of shape \(B, 1, 8, 8\); got per-sample shape " + \
+        r"\(" + r", ".join(map(str, shape)) + r",?\)"
+    for run in (model, model.encode, model.forward):
+        with pytest.raises(ValueError, match=expected):
+            run(x)
+
+
+def test_error_messages_name_the_model_in_one_line(rng):
+    """Catches messages that started with the model's whole multi-line repr (one line per layer)."""
+    model = mlp_autoencoder((1, 2, 3), 2, (4,), seed=0)
+    x = rng.random((2, 1, 2, 3))
+    x[0, 0, 0, 0] = np.nan
+    cases = [(lambda: model(x), ValueError, "input contains NaN"),
+             (lambda: model(np.zeros((2, 1, 2, 3), dtype=int)), TypeError, "floating point"),
+             (lambda: model(np.zeros(6)), ValueError, "batch axis"),
+             (lambda: model.vjp_params(np.zeros((2, 1, 2, 3))), RuntimeError, "call forward")]
+    for run, error, what in cases:
+        with pytest.raises(error, match=what) as info:
+            run()
+        message = str(info.value)
+        assert "\n" not in message and message.startswith(f"Autoencoder({len(model)} layers): "), message

@@ -58,6 +58,7 @@ def test_one_step_is_eq_10_and_11(alpha, prior_precision, rng):
     eps = replay.standard_normal((1, theta0.size))[0]
     theta_s = theta0 + eps / np.sqrt(H0 + prior_precision)
     g = numerical_gradient(lambda th: np.array([mean_nll(model, x, th)]), theta_s.copy())
+    g = g + prior_precision / N_DATA * theta0  # the prior's weight decay lambda / N, at the mean
     theta1 = theta0 - lr * g / (np.abs(g) + 1e-8)  # Adam's first step: m_hat = g, v_hat = g^2
     H1 = (1 - alpha) * H0 + N_DATA / B * dense_ggn_diag(model, x, theta_s)
 
@@ -142,11 +143,97 @@ def test_exploding_parameters_stop_with_the_step(rng):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(prior_precision=0.0), "prior_precision"),
     (dict(hessian="full"), "Hessian method"), (dict(n_samples=0), "n_samples"), (dict(n_data=0), "n_data"),
+    (dict(threshold=-1), "threshold must be a feature size >= 0"),
+    (dict(threshold=float("nan")), "threshold must be a feature size >= 0"),
 ])
 def test_bad_arguments(kwargs, match):
+    """Besides the obvious ones, catches OnlineLaplace(threshold=-1) being accepted (it failed, or was
+    ignored, only at the first 'mixed' step)."""
     args = {"n_data": N_DATA, **kwargs}
     with pytest.raises(ValueError, match=match):
         OnlineLaplace(tiny_autoencoder(), **args)
+
+
+# ----------------------------------------------------------------------------------------------
+# the prior in the mean's step, the posterior as a snapshot, a missing rng (issue 8, items 3, 4, 15)
+
+@pytest.mark.parametrize("prior_precision, n_samples", [(1.0, 1), (30.0, 1), (7.0, 2)])
+def test_one_sgd_step_follows_the_prior_objective(prior_precision, n_samples, rng):
+    """Catches a mean step without the prior (the old eq. 10 used the batch NLL only, while the precision
+    held lambda), a prior term of the wrong scale (lambda instead of lambda / N) or taken at theta_s.
+
+    For the step's fixed noise eps the objective of the mean mu is
+        J(mu) = 1/S sum_s mean_b nll_b(mu + eps_s sigma) + lambda / (2N) ||mu||^2,
+    and one SGD step must be mu - lr * dJ/dmu, with dJ/dmu by central finite differences (float64).
+    """
+    model = tiny_autoencoder()
+    x, lr = batch(rng), 0.05
+    trainer = OnlineLaplace(model, N_DATA, 0.3, prior_precision, hessian="exact", n_samples=n_samples,
+                            optimizer=SGD(lr=lr))
+    theta0 = model.get_params()
+    noise_rng = np.random.default_rng(11)
+    replay = copy.deepcopy(noise_rng)
+    trainer.step(x, noise_rng)
+    H0 = N_DATA / x.shape[0] * dense_ggn_diag(model, x, theta0) / 0.3
+    eps_sigma = replay.standard_normal((n_samples, theta0.size)) / np.sqrt(H0 + prior_precision)
+
+    def objective(mu):
+        data = np.mean([mean_nll(model, x, mu + e) for e in eps_sigma])
+        return np.array([data + prior_precision / (2 * N_DATA) * mu @ mu])
+
+    grad = numerical_gradient(objective, theta0.copy())
+    assert_close(trainer.theta, theta0 - lr * grad, 1e-8, "theta_1 = theta_0 - lr dJ/dmu")
+    # the prior's share is not negligible here, so the test sees it
+    assert np.abs(prior_precision / N_DATA * theta0).max() > 1e-3 * np.abs(grad).max()
+
+
+def test_mean_converges_to_the_mode_under_the_prior(rng):
+    """Catches a mean that ignores the prior: with the sampling noise made negligible (H = 1e24, so theta_s
+    equals theta_t to round-off) SGD must end where the gradient of mean_b nll_b + lambda / (2N) ||theta||^2
+    vanishes - the mode the Laplace posterior assumes - not where that of the NLL alone does."""
+    model = tiny_autoencoder()
+    x = batch(rng)
+    trainer = OnlineLaplace(model, 5, alpha=1.0, prior_precision=3.0, hessian="approx", optimizer=SGD(lr=0.2))
+    trainer.H = np.full(model.num_params, 1e24)  # sigma ~ 1e-12: theta_s = theta_t to round-off
+    for _ in range(3000):
+        trainer.step(x, np.random.default_rng(0))
+        trainer.H = np.full(model.num_params, 1e24)
+
+    def objective(th, lam):
+        return np.array([mean_nll(model, x, th) + lam / (2 * 5) * th @ th])
+
+    theta = trainer.theta.copy()
+    with_prior = numerical_gradient(lambda th: objective(th, 3.0), theta.copy())
+    without = numerical_gradient(lambda th: objective(th, 0.0), theta.copy())
+    assert np.abs(with_prior).max() < 1e-6
+    assert np.abs(without).max() > 1e-2  # the NLL alone is not stationary there
+
+
+def test_posterior_is_a_snapshot_that_later_steps_leave_alone(rng):
+    """Catches posterior() sharing theta and H with the trainer: a posterior taken after step 1 changed
+    under step 2 (H is updated in place)."""
+    trainer = OnlineLaplace(tiny_autoencoder(), N_DATA, alpha=0.2)
+    trainer.step(batch(rng), np.random.default_rng(0))
+    post = trainer.posterior()
+    mean, ggn = post.mean.copy(), post.ggn.copy()
+    trainer.step(batch(rng), np.random.default_rng(1))
+    np.testing.assert_array_equal(post.mean, mean)
+    np.testing.assert_array_equal(post.ggn, ggn)
+    assert not np.array_equal(trainer.H, ggn) and not np.array_equal(trainer.theta, mean)
+    post.ggn[:] = 0.0  # and writing into the posterior does not reach the trainer
+    assert trainer.H.min() > 0
+
+
+@pytest.mark.parametrize("bad_rng", [None, 0, "seed"])
+def test_step_without_a_generator_is_a_clear_error_and_changes_nothing(bad_rng, rng):
+    """Catches step(x, rng=None) dying with AttributeError: 'NoneType' object has no attribute
+    'standard_normal' - after H_0 had already been computed."""
+    trainer = OnlineLaplace(tiny_autoencoder(), N_DATA, alpha=0.2)
+    theta = trainer.theta.copy()
+    with pytest.raises(TypeError, match="rng must be a random Generator.*default_rng"):
+        trainer.step(batch(rng), bad_rng)
+    assert trainer.H is None and trainer.t == 0
+    np.testing.assert_array_equal(trainer.theta, theta)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,3 +42,14 @@ def test_fixed_prior_is_kept(rng):
     model, x = setup(rng)
     posterior, info = fit_posthoc(model, x, prior_precision=2.5, optimize_prior=False)
     assert posterior.prior_precision == info["prior_precision"] == 2.5
+
+
+def test_the_cli_trains_the_posthoc_map_with_the_prior_and_the_plain_ae_without():
+    """Catches the post-hoc MAP trained without the prior the Laplace evidence assumes (issue 8, item 4);
+    the plain AE stays eq. 1."""
+    from minilae.train import DEFAULTS, _make_trainer
+
+    model = mlp_autoencoder(input_shape=IMAGE, latent_size=2, hidden=(4,), seed=2)
+    posthoc = _make_trainer({**DEFAULTS, "method": "posthoc", "prior_precision": 3.5}, model, 123)
+    assert (posthoc.prior_precision, posthoc.n_data) == (3.5, 123)
+    assert _make_trainer({**DEFAULTS, "method": "ae"}, model, 123).prior_precision == 0.0

@@ -197,3 +197,48 @@ def test_load_state_dict_refuses_another_parameter_count(rng):
     other = MAPTrainer(mlp_autoencoder(input_shape=IMAGE, latent_size=2, hidden=(6,)))
     with pytest.raises(CheckpointError, match="parameters"):
         other.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# the MAP trainer with the prior, as post-hoc Laplace assumes (issue 8, item 4)
+
+@pytest.mark.parametrize("prior_precision, n_data", [(1.0, 6), (40.0, 10), (0.3, 1000)])
+def test_map_sgd_step_with_the_prior_is_the_gradient_of_the_full_objective(prior_precision, n_data, rng):
+    """Catches a MAP trained without the prior (or with weight decay lambda instead of lambda / N) while
+    post-hoc Laplace and its evidence assume the mode of mean_b nll_b + lambda / (2N) ||theta||^2."""
+    model = tiny()
+    x, lr = data(rng, 6), 0.1
+    theta0 = model.get_params()
+
+    def objective(th):
+        model.set_params(th)
+        return np.array([Gaussian(1.0).nll(model.forward(x), x).mean() + prior_precision / (2 * n_data) * th @ th])
+
+    g = numerical_gradient(objective, theta0.copy())
+    model.set_params(theta0)
+    trainer = MAPTrainer(model, SGD(lr=lr), prior_precision=prior_precision, n_data=n_data)
+    assert_close(trainer.loss_and_grad(x)[2], g, 1e-8, "gradient of the objective with the prior")
+    trainer.step(x)
+    assert_close(trainer.theta, theta0 - lr * g, 1e-8, "theta after one SGD step with the prior")
+    np.testing.assert_array_equal(model.get_params(), trainer.theta)
+
+
+def test_map_prior_needs_n_data_and_travels_with_the_state(rng):
+    """Catches a resumed post-hoc MAP losing its prior, and a prior without N accepted silently."""
+    with pytest.raises(ValueError, match="needs n_data"):
+        MAPTrainer(tiny(), prior_precision=2.0)
+    with pytest.raises(ValueError, match="prior_precision must be a finite number > 0"):
+        MAPTrainer(tiny(), prior_precision=-1.0, n_data=4)
+    x = data(rng, 4)
+    a = MAPTrainer(tiny(), SGD(lr=0.1), prior_precision=2.0, n_data=4)
+    a.step(x)
+    b = MAPTrainer(tiny(seed=5), SGD(lr=0.1))  # no prior: everything must come from the state
+    b.load_state_dict(copy.deepcopy(a.state_dict()))
+    assert (b.prior_precision, b.n_data) == (2.0, 4)
+    a.step(x)
+    b.step(x)
+    np.testing.assert_array_equal(a.theta, b.theta)
+    old = {k: v for k, v in a.state_dict().items() if k not in ("prior_precision", "n_data")}
+    c = MAPTrainer(tiny(), SGD(lr=0.1), prior_precision=2.0, n_data=4)
+    c.load_state_dict(old)  # a checkpoint from before the prior keeps the constructor's prior
+    assert (c.prior_precision, c.n_data) == (2.0, 4)

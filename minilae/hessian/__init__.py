@@ -44,7 +44,8 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
 
     method: 'approx' (diagonal M), 'exact' (full M), 'mixed' (full M where the feature size is
     <= threshold, default DEFAULT_THRESHOLD = 512), 'sqrt' (exact, through a square-root factor).
-    f: the model's last forward output on x (then the model is not run again).
+    f: the output of the model's last forward on x (then the model is not run again); refused
+    (ValueError) if any layer ran a forward or had its parameters set since - run f = model(x) again.
     memory_budget: bytes (default: 80% of free memory); a step that would exceed it raises
     MemoryBudgetError before allocating.
     """
@@ -55,7 +56,7 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
     budget = resolve_budget(memory_budget, xp)
     B, d = f.shape[0], size(f.shape[1:])
     if method == "approx":
-        return approx_diagonal(layers, lik.hess_diag(f, y), per_sample)
+        return approx_diagonal(layers, shapes, lik.hess_diag(f, y), budget, per_sample)
     if method == "mixed":
         form = plan_forms("mixed", [d], threshold)[0][0]
         if form == "diag":

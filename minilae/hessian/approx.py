@@ -17,7 +17,8 @@ from functools import singledispatch
 
 from ..backend import array_module
 from ..layers import Conv2d, Dropout, Elementwise, Linear, MaxPool2d, Reshape, Upsample
-from .chain import concat_parts
+from .chain import check_memory, concat_parts
+from .cost import step_cost
 
 
 def unsupported(layer, what):
@@ -110,13 +111,21 @@ def _(layer: Conv2d, m, per_sample=False):
 
 # ---- the walk ---------------------------------------------------------------------------------
 
-def approx_diagonal(layers, m, per_sample=False):
+def approx_diagonal(layers, shapes, m, budget, per_sample=False):
     """Algorithm 1 with diagonal M: m_L = diag(H_out), then per layer read off the parameter diagonal
-    and push m back. m is (B, *out); returns the flat (P,) or (B, P) diagonal."""
+    and push m back. m is (B, *out); returns the flat (P,) or (B, P) diagonal.
+
+    Each step is checked against the memory budget first (the estimate_cost row of that step), as in
+    the other walkers: the per-sample diagonals (B, P) and Conv2d's squared im2col can be large.
+    """
     xp = array_module(m)
-    parts = []
+    parts, B = [], m.shape[0]
     for i in range(len(layers) - 1, -1, -1):
         layer = layers[i]
+        cost = step_cost(layer, shapes[i], shapes[i + 1], B, ("diag", None), ("diag", None) if i > 0 else None,
+                         m.dtype.itemsize, index=i)
+        check_memory(cost.peak_bytes, budget, f"the approximate GGN at layer {i} ({layer!r}), diagonal M, "
+                                              f"batch {B},")
         if layer.num_params:
             parts.append(param_diag_from_diag(layer, m, per_sample))
         if i > 0:  # the network input needs no curvature

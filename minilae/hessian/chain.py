@@ -34,17 +34,23 @@ def leaf_layers(model) -> list:
 
 
 def forward_once(model, x, f=None):
-    """f = model(x), or the given f of the model's last forward on x (checked, not recomputed)."""
+    """f = model(x), or the given f, checked to be the output of the model's last forward on x.
+
+    The layer caches the engine reads must belong to f: f must be the very array that forward returned,
+    with no forward of any of its layers (a second batch, encode/decode, predict's sampled networks) and
+    no set_params since (`Layer.last_output_is`, an identity test of stamps); and x must be that
+    forward's input. Anything else raises instead of silently giving the GGN of another batch or network.
+    """
     if f is None:
         return model.forward(x)
-    first = leaf_layers(model)[0]
-    if first._x is None or tuple(first._x.shape) != tuple(x.shape):
-        raise ValueError(f"f was given, so the model's caches must come from a forward pass on x of shape "
-                         f"{tuple(x.shape)}; run f = model(x) first (the model last saw "
-                         f"{None if first._x is None else tuple(first._x.shape)})")
-    expected = (x.shape[0],) + tuple(model.out_shape(tuple(x.shape[1:])))
-    if tuple(f.shape) != expected:
-        raise ValueError(f"f has shape {tuple(f.shape)}; the model maps x of shape {tuple(x.shape)} to {expected}")
+    if not model.last_output_is(f):
+        raise ValueError("f is not the output of the model's last forward at its current parameters (a layer "
+                         "ran another forward, or set_params was called, since f was computed): run "
+                         "f = model(x) again just before, or pass f=None to recompute")
+    seen = model._x
+    if seen is not x and (tuple(seen.shape) != tuple(x.shape) or not bool((seen == x).all())):
+        raise ValueError(f"f came from a forward on another input than x (shape {tuple(seen.shape)} vs "
+                         f"{tuple(x.shape)}, or other values): pass the x of f = model(x), or f=None")
     return f
 
 

@@ -11,9 +11,15 @@ Hessian engine can push the K columns of a per-sample matrix M through in one ca
 
 Parameters are read and written as one flat vector: the layer's arrays in `param_names` order,
 each raveled in C order (Linear: weight (out, in) row by row, then bias).
+
+Which state the caches belong to: every `forward` and every `set_params` gives the layer a new
+*stamp* (a counter value, no copying or hashing of arrays), and a forward records its output with the
+stamps of the layers it ran (`last_output_is`). A cache written by another forward of a shared layer
+(a sub-model such as the encoder, a second model) or parameters set since are then detected, not used.
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 from ..backend import array_module, get_default_dtype, xp
@@ -23,6 +29,8 @@ class Layer:
     """Base class: y = f(x; theta), with dense and structured Jacobians."""
 
     param_names: tuple[str, ...] = ()
+    _stamp = 0  # new value at every forward and set_params (see the module docstring)
+    _trace = None  # (output, leaf stamps) recorded by the last forward
 
     def __init__(self):
         self.training = False
@@ -48,15 +56,16 @@ class Layer:
     def set_params(self, theta):
         """Write the flat vector theta into the parameter arrays (copies)."""
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
-            raise ValueError(f"{self!r}: expected a flat vector of {self.num_params} parameters, "
+            raise ValueError(f"{label(self)}: expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
         if not bool(array_module(theta).isfinite(theta).all()):
-            raise ValueError(f"{self!r}: parameter vector contains NaN or inf")
+            raise ValueError(f"{label(self)}: parameter vector contains NaN or inf")
         start = 0
         for name in self.param_names:
             p = getattr(self, name)
             setattr(self, name, theta[start:start + p.size].reshape(p.shape).astype(p.dtype, copy=True))
             start += p.size
+        self._stamp = next(_STAMPS)  # the caches were taken with the old parameters
 
     def split_params(self, flat):
         """Split a flat per-layer vector (..., P) into arrays shaped like the parameters."""
@@ -86,16 +95,32 @@ class Layer:
         check_batch(self, x, check_finite)
         self.out_shape(tuple(x.shape[1:]))
         self._x = x
-        return self._forward(x)
+        self._stamp = next(_STAMPS)
+        y = self._forward(x)
+        self._record(y)
+        return y
 
     __call__ = forward
+
+    # ---- which forward the caches belong to ----------------------------------------------------
+    def leaf_stamps(self) -> tuple:
+        """The stamps of the leaf layers, in chain order (a leaf: its own)."""
+        return (self._stamp,)
+
+    def _record(self, y):
+        self._trace = (y, self.leaf_stamps())
+
+    def last_output_is(self, f) -> bool:
+        """True when f is the very output of this layer's last forward and no layer in it has run a forward
+        or had its parameters set since: then the caches belong to f (an identity test, no array work)."""
+        return self._trace is not None and self._trace[0] is f and self._trace[1] == self.leaf_stamps()
 
     def _forward(self, x):
         raise NotImplementedError
 
     def _cached_input(self):
         if self._x is None:
-            raise RuntimeError(f"{self!r}: call forward(x) before a vector-Jacobian product")
+            raise RuntimeError(f"{label(self)}: call forward(x) before a vector-Jacobian product")
         return self._x
 
     # ---- structured products (backprop) ------------------------------------------------------
@@ -148,6 +173,15 @@ class Layer:
         return f"{type(self).__name__}()"
 
 
+_STAMPS = itertools.count(1)
+
+
+def label(layer) -> str:
+    """A one-line name for messages: the repr of a leaf, 'Name(n layers)' for a chain."""
+    inner = getattr(layer, "layers", None)
+    return f"{type(layer).__name__}({len(inner)} layers)" if inner is not None else repr(layer)
+
+
 def prod(shape) -> int:
     """Number of elements of a per-sample shape."""
     return int(math.prod(shape))
@@ -167,13 +201,13 @@ def as_bk(v, batch: int, out_shape: tuple):
 def check_batch(layer, x, check_finite: bool = True):
     """Reject non-arrays, missing batch axis and non-finite values with a clear message."""
     if not hasattr(x, "shape") or not hasattr(x, "dtype"):
-        raise TypeError(f"{layer!r}: input must be an array, got {type(x).__name__}")
+        raise TypeError(f"{label(layer)}: input must be an array, got {type(x).__name__}")
     if x.ndim < 2:
-        raise ValueError(f"{layer!r}: input needs a batch axis, shape (B, ...); got {tuple(x.shape)}")
+        raise ValueError(f"{label(layer)}: input needs a batch axis, shape (B, ...); got {tuple(x.shape)}")
     if x.dtype.kind != "f":
-        raise TypeError(f"{layer!r}: input must be floating point, got {x.dtype}")
+        raise TypeError(f"{label(layer)}: input must be floating point, got {x.dtype}")
     if check_finite and not bool(array_module(x).isfinite(x).all()):
-        raise ValueError(f"{layer!r}: input contains NaN or inf; it would poison every gradient")
+        raise ValueError(f"{label(layer)}: input contains NaN or inf; it would poison every gradient")
 
 
 def identity_jacobian(x, d: int):

@@ -9,7 +9,7 @@ The flat parameter vector is the layers' flat vectors concatenated in layer orde
 from __future__ import annotations
 
 from ..backend import array_module, xp
-from .base import Layer, check_batch, identity_jacobian, prod
+from .base import Layer, check_batch, identity_jacobian, label, prod
 
 
 class Sequential(Layer):
@@ -99,9 +99,23 @@ class Sequential(Layer):
         self._x = x
         for layer in self.layers:
             x = layer.forward(x, check_finite=False)
+        self._record(x)
         return x
 
     __call__ = forward
+
+    def leaf_stamps(self) -> tuple:
+        """The leaves' stamps: any forward of a shared layer or set_params since changes them."""
+        return tuple(stamp for layer in self.layers for stamp in layer.leaf_stamps())
+
+    def _cached_input(self):
+        """x_0 of the last forward, provided the layers' caches all still belong to that forward."""
+        x = super()._cached_input()
+        if self._trace is None or self._trace[1] != self.leaf_stamps():
+            raise RuntimeError(f"{label(self)}: the layers' caches no longer belong to its last forward (a layer "
+                               "ran a forward on its own since, e.g. encode/decode or a shared sub-model, or "
+                               "set_params was called); call forward(x) before a vector-Jacobian product")
+        return x
 
     def _out_shape_cached(self):
         return self.out_shape(tuple(self._x.shape[1:]))
@@ -166,4 +180,5 @@ class Sequential(Layer):
                 blocks.append(A @ Jp)
             A = A @ Ji
         self._x = x
+        self._record(h)  # the factors were taken at one forward, so its caches are consistent
         return A, (m.concatenate(blocks[::-1], axis=2) if with_params else None), h
