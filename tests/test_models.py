@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from minilae.backend import set_default_dtype
-from minilae.gradcheck import assert_close, numerical_gradient, numerical_jacobian
+from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient, numerical_jacobian
 from minilae.layers import Conv2d, Flatten, Linear, MaxPool2d, Reshape, Tanh, Upsample
 from minilae.losses import Gaussian
 from minilae.models import Autoencoder, build_model, conv_autoencoder, mlp_autoencoder
@@ -167,7 +167,8 @@ def test_loss_gradient_matches_finite_differences(small_model, rng):
     expected = numerical_gradient(loss, theta0.copy())
     small_model.set_params(theta0)
     assert grad.shape == theta0.shape
-    assert_close(grad, expected, RTOL, "whole-model gradient")
+    # atol: 10x the differences' round-off floor, 1e-16 |L| / eps, absolute for every entry
+    assert_close(grad, expected, RTOL, "whole-model gradient", atol=10 * fd_roundoff(loss(theta0)))
 
 
 def test_input_gradient_matches_finite_differences(small_model, rng):
@@ -179,7 +180,9 @@ def test_input_gradient_matches_finite_differences(small_model, rng):
     v = lik.grad(small_model(x), y)
     g = small_model.vjp_input(v)
     J = numerical_jacobian(lambda z: small_model(z), x.copy())  # (B d_out, B d_in)
-    assert_close(g, (v.reshape(-1) @ J).reshape(x.shape), RTOL, "gradient w.r.t. the input")
+    # atol: 10x the round-off of J's entries (floor for outputs of size |f|), summed in quadrature by v^T J
+    atol = 10 * fd_roundoff(np.abs(small_model(x)).max()) * np.linalg.norm(v)
+    assert_close(g, (v.reshape(-1) @ J).reshape(x.shape), RTOL, "gradient w.r.t. the input", atol=atol)
 
 
 def test_per_sample_gradients_sum_to_the_batch_gradient(small_model, rng):
@@ -208,7 +211,7 @@ def test_dense_model_jacobian_matches_finite_differences(rng):
 
     expected = numerical_jacobian(f, theta0.copy()).reshape(J.shape)
     model.set_params(theta0)
-    assert_close(J, expected, RTOL, "model J_p")
+    assert_close(J, expected, RTOL, "model J_p", atol=10 * fd_roundoff(np.abs(model(x)).max()))  # 10x FD floor
     model(x)
     V = rng.standard_normal((2, 3) + model.input_shape)
     assert_close(model.vjp_params(V, per_sample=True), np.einsum("bko,bop->bkp", V.reshape(2, 3, -1), J),
