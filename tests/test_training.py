@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minilae import training
-from minilae.gradcheck import assert_close, numerical_gradient
+from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient
 from minilae.losses import Gaussian
 from minilae.models import mlp_autoencoder
 from minilae.online import OnlineLaplace
@@ -45,6 +45,28 @@ def test_map_step_is_adam_on_the_mean_nll(rng):
     assert_close(trainer.theta, theta0 - 0.01 * g / (np.abs(g) + 1e-8), 1e-6, "theta after one Adam step")
     np.testing.assert_array_equal(model.get_params(), trainer.theta)
     assert stats["mse"] == pytest.approx(float(((tiny().forward(x) - x) ** 2).mean()), rel=1e-12)
+
+
+@pytest.mark.parametrize("B, lr", [(6, 0.1), (1, 0.05), (11, 0.3)])
+def test_map_step_is_sgd_on_the_mean_nll(B, lr, rng):
+    """One SGD step: theta_1 = theta_0 - lr * grad_theta mean_b nll_b, with the gradient by central
+    differences. Bug caught: the batch gradient summed instead of averaged (B times too large),
+    which Adam's first step, ~ lr * sign(g), hides."""
+    model = tiny()
+    x = data(rng, B)
+    theta0 = model.get_params()
+
+    def mean_nll(th):
+        model.set_params(th)
+        return np.array([Gaussian(1.0).nll(model.forward(x), x).mean()])
+
+    g = numerical_gradient(mean_nll, theta0.copy())
+    atol = 10 * fd_roundoff(mean_nll(theta0)[0])  # 10x the differences' round-off floor
+    model.set_params(theta0)
+    trainer = MAPTrainer(model, SGD(lr=lr))
+    trainer.step(x)
+    assert_close((theta0 - trainer.theta) / lr, g, 1e-6, "SGD update / lr = mean-over-batch gradient", atol=atol)
+    np.testing.assert_array_equal(model.get_params(), trainer.theta)
 
 
 def make_trainer(kind, seed=0):
