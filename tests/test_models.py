@@ -2,9 +2,6 @@
 against finite differences, and a plain AE whose reconstruction loss falls under Adam."""
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -258,18 +255,12 @@ def test_plain_autoencoder_learns_synthetic_blobs(kind, rng):
     assert after < 0.5 * float(np.var(x)), "not better than reconstructing the mean image"
 
 
-def mnist_root():
-    root = os.environ.get("MINILAE_DATA")
-    return Path(root) if root and (Path(root) / "MNIST" / "raw").is_dir() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(mnist_root() is None, reason="real-data test: set MINILAE_DATA to a folder holding MNIST/raw")
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
-def test_plain_autoencoder_learns_mnist(kind, rng):
+def test_plain_autoencoder_learns_mnist(kind, rng, real_data_root):
     from minilae.data import load_dataset  # noqa: PLC0415
     set_default_dtype(np.float32)  # as training runs in practice (the fixture restores float64)
-    images, _ = load_dataset("mnist", "train", root=mnist_root())
+    images, _ = load_dataset("mnist", "train", root=real_data_root)
     x = images[rng.choice(len(images), 256, replace=False)]
     assert x.dtype == np.float32
     model = build_model(kind, (1, 28, 28), 2, seed=0)

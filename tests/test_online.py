@@ -1,7 +1,6 @@
 """Tests for minilae.online: the online LAE step (eq. 10-11) and a short run on real MNIST."""
 import copy
 import math
-import os
 
 import numpy as np
 import pytest
@@ -183,20 +182,13 @@ def test_bad_arguments(kwargs, match):
 # ----------------------------------------------------------------------------------------------
 # real data
 
-def _data_root():
-    root = os.environ.get("MINILAE_DATA")
-    if not root:
-        pytest.fail("set MINILAE_DATA to the folder with MNIST/ and FashionMNIST/ (CI: ../shared/data)")
-    return root
-
-
 @pytest.mark.slow
-def test_short_run_on_mnist_learns_and_is_uncertain_on_fashionmnist():
+def test_short_run_on_mnist_learns_and_is_uncertain_on_fashionmnist(real_data_root):
     from minilae.data import load_dataset
     from minilae.models import mlp_autoencoder as mlp
 
     backend.set_default_dtype(np.float32)  # the production dtype; the fixture restores float64
-    root = _data_root()
+    root = real_data_root
     x_train, _ = load_dataset("mnist", "train", root=root)
     x_val, _ = load_dataset("mnist", "val", root=root)
     x_ood, _ = load_dataset("fashionmnist", "test", root=root)
