@@ -727,5 +727,5 @@ def test_constructor_errors(make, error, match):
 
 
 def test_layer_base_is_abstract():
-    with pytest.raises(NotImplementedError):
+    with pytest.raises(NotImplementedError, match="Layer does not define _forward"):
         Layer()(np.zeros((1, 2)))

@@ -91,7 +91,7 @@ class Layer:
     __call__ = forward
 
     def _forward(self, x):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define _forward(x): subclass Layer and implement it")
 
     def _cached_input(self):
         if self._x is None:
