@@ -1,7 +1,7 @@
 """Tests of minilae.data and the datasets.py command.
 
-Real-data tests read the raw files from $MINILAE_DATA (CI sets it); without it they are
-skipped with a visible reason. Nothing here touches the network: downloads are tested
+Real-data tests read the raw files from $MINILAE_DATA (CI sets it); without them they are
+skipped with a visible reason, and fail under CI=true (conftest.require_data). Nothing here touches the network: downloads are tested
 with a fake ``urlopen`` / fake torchvision, and the offline path with one that fails.
 """
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_data
 
 from minilae import data
 
@@ -33,11 +34,8 @@ FILES = [fname for fname, _, _ in data.PARTS.values()]
 
 
 @pytest.fixture(scope="session")
-def real_root() -> Path:
-    root = os.environ.get(data.ENV_DATA)
-    if not root:
-        pytest.skip(f"${data.ENV_DATA} is not set: real-data tests need the raw MNIST/FashionMNIST files")
-    return Path(root)
+def real_root(real_data_root) -> Path:
+    return real_data_root
 
 
 @pytest.fixture(scope="session")
@@ -252,7 +250,7 @@ def test_a_valid_cache_never_hides_a_corrupted_raw_file(real_root, tmp_path, mon
     data.load_dataset("mnist", "val", root=tmp_path)
     assert any(p.is_file() for p in data.cache_paths("mnist", tmp_path))
     flip_byte(folder / "train-images-idx3-ubyte.gz", 5000)
-    with pytest.raises(data.ChecksumError):
+    with pytest.raises(data.ChecksumError, match=r"corrupt \(checksum mismatch\)(.|\n)*train-images-idx3-ubyte\.gz"):
         data.load_dataset("mnist", "val", root=tmp_path)
 
 
@@ -396,7 +394,7 @@ def test_read_idx_rejects_non_gzip_and_missing_files(tmp_path):
     (tmp_path / "plain").write_bytes(idx_bytes(np.arange(4, dtype=np.uint8), 0x08))
     with pytest.raises(data.IDXFormatError, match="not a readable gzip file"):
         data.read_idx(tmp_path / "plain")
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="No such file.*absent.gz"):
         data.read_idx(tmp_path / "absent.gz")
 
 
@@ -601,3 +599,43 @@ def test_cli_rejects_unknown_dataset(capsys):
         load_cli().main(["--dataset", "cifar10"])
     assert info.value.code == 2
     assert "invalid choice: 'cifar10'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- the real-data rule (conftest)
+
+
+def fake_data_root(tmp_path, folders):
+    for name in folders:
+        (tmp_path / name / "raw").mkdir(parents=True)
+    return tmp_path
+
+
+@pytest.mark.parametrize("folders, env_set, named", [
+    ([], False, r"\$MINILAE_DATA is not set"),
+    (["MNIST"], True, r"has no FashionMNIST/raw"),
+    ([], True, r"has no MNIST/raw or FashionMNIST/raw"),
+])
+@pytest.mark.parametrize("ci", [None, "true"])
+def test_missing_real_data_skips_with_the_reason_and_fails_in_ci(folders, env_set, named, ci, tmp_path, monkeypatch):
+    """Bugs caught: a silent skip in CI (the real-data checks would never run there) and a reason
+    that does not say what is missing."""
+    root = fake_data_root(tmp_path, folders)
+    if env_set:
+        monkeypatch.setenv(data.ENV_DATA, str(root))
+    else:
+        monkeypatch.delenv(data.ENV_DATA, raising=False)
+    if ci:
+        monkeypatch.setenv("CI", ci)
+    else:
+        monkeypatch.delenv("CI", raising=False)
+    # catch both outcomes, so that a skip where a failure is due cannot skip this test itself
+    with pytest.raises((pytest.fail.Exception, pytest.skip.Exception),
+                       match=named + (".*CI=true, so missing data is an error" if ci else "")) as outcome:
+        require_data()
+    assert outcome.type is (pytest.fail.Exception if ci else pytest.skip.Exception)
+
+
+def test_present_real_data_is_returned(tmp_path, monkeypatch):
+    monkeypatch.setenv(data.ENV_DATA, str(fake_data_root(tmp_path, ["MNIST", "FashionMNIST"])))
+    monkeypatch.setenv("CI", "true")
+    assert require_data() == tmp_path

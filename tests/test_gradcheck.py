@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minilae.gradcheck import (assert_close, numerical_gradient, numerical_hessian, numerical_jacobian,
-                               relative_error)
+from minilae.gradcheck import (assert_close, fd_roundoff, numerical_gradient, numerical_hessian,
+                               numerical_jacobian, relative_error)
 
 
 @pytest.mark.parametrize("shape_in, shape_out", [((4,), (3,)), ((2, 3), (5,)), ((2, 1, 2), (2, 2))])
@@ -16,7 +16,7 @@ def test_jacobian_of_a_linear_map(shape_in, shape_out, rng):
     x = rng.standard_normal(shape_in)
     J = numerical_jacobian(lambda z: (A @ z.reshape(-1)).reshape(shape_out), x)
     assert J.shape == (n_out, n_in)
-    assert_close(J, A, 1e-8, "J of A x")
+    assert_close(J, A, 1e-8, "J of A x", atol=10 * fd_roundoff(np.abs(A @ x.reshape(-1)).max()))  # 10x floor
 
 
 def test_jacobian_of_an_elementwise_map(rng):
@@ -84,10 +84,78 @@ def test_relative_error_definition():
         relative_error(np.zeros(3), np.zeros((3, 1)))
 
 
-def test_assert_close():
-    e = np.array([1.0, 2.0])
-    assert assert_close(e * (1 + 1e-9), e, 1e-6, "tiny") <= 1e-6
-    with pytest.raises(AssertionError, match=r"my value: relative error 5\.000e-01 exceeds 1\.0e-06"):
-        assert_close(e + 1.0, e, 1e-6, "my value")
-    with pytest.raises(AssertionError, match="nan"):
-        assert_close(np.array([np.nan, 2.0]), e, 1e-6)
+def test_assert_close_passes_within_tolerance_and_returns_the_relative_error():
+    e = np.array([1.0, -2.0, 4.0])
+    assert assert_close(e * (1 + 1e-9), e, 1e-6, "tiny") == pytest.approx(1e-9, rel=1e-6)
+    assert assert_close(e, e, 0.0) == 0.0  # rtol = atol = 0: exact equality
+    inf = np.array([np.inf, -np.inf, 1.0])
+    assert_close(inf, inf.copy(), 0.0, "equal infinities")
+
+
+def test_assert_close_judges_every_entry_by_its_own_size():
+    """Bug caught: a tolerance relative to the whole array's largest entry (the old rule), under
+    which 9 of 394 gradient entries 9% wrong passed because they were small."""
+    expected = np.concatenate([np.full(385, 100.0), np.full(9, 1e-4)])
+    actual = expected.copy()
+    actual[-9:] *= 1.09
+    assert relative_error(actual, expected) < 1e-6  # the one-number summary does not see them
+    with pytest.raises(AssertionError, match=r"whole-model gradient: 9 of 394 entries differ"):
+        assert_close(actual, expected, 1e-6, "whole-model gradient")
+
+
+@pytest.mark.parametrize("actual, expected, rtol, atol, passes", [
+    (1.5, 1.0, 0.4, 0.0, False),     # |a - b| <= rtol |b| with b the *expected* value (rtol |a| would pass)
+    (1.3, 1.0, 0.4, 0.0, True),
+    (1e-7, 0.0, 1e-6, 1e-6, True),   # atol is the floor for entries that should be zero
+    (1e-5, 0.0, 1e-6, 1e-6, False),
+    (1e-5, 0.0, 1e-6, 0.0, False),   # without atol nothing but 0 is close to 0
+    (2.05, 2.0, 0.02, 0.01, True),   # atol and rtol add: 0.05 <= 0.01 + 0.04
+    (2.06, 2.0, 0.02, 0.01, False),
+])
+def test_assert_close_is_the_allclose_rule(actual, expected, rtol, atol, passes):
+    """Bugs caught: measuring relative to |actual|, ignoring atol, or taking max instead of the sum."""
+    a, e = np.array([actual, 3.0]), np.array([expected, 3.0])
+    if passes:
+        assert_close(a, e, rtol, "x", atol=atol)
+    else:
+        with pytest.raises(AssertionError, match=r"x: 1 of 2 entries"):
+            assert_close(a, e, rtol, "x", atol=atol)
+
+
+def test_assert_close_message_names_the_worst_entry():
+    """Bug caught: reporting the first failing entry (or the largest absolute difference) as the worst."""
+    e = np.array([[100.0, 1.0], [2.0, 1e-3]])
+    a = e + np.array([[0.5, 0.0], [0.1, 1e-3]])  # 0.5% of 100, 5% of 2, 100% of 1e-3
+    with pytest.raises(AssertionError, match=r"my value: 3 of 4 entries .*rtol=1\.0e-03, atol=0\.0e\+00.* worst at "
+                                             r"index \(1, 1\): actual 0\.002, expected 0\.001"):
+        assert_close(a, e, 1e-3, "my value")
+
+
+@pytest.mark.parametrize("actual", [np.array([np.nan, 2.0]), np.array([np.inf, 2.0]), np.array([1.0, -np.inf])])
+def test_assert_close_never_passes_nan_or_a_lone_infinity(actual):
+    with pytest.raises(AssertionError, match=r"1 of 2 entries.*worst at index \(\d,\)"):
+        assert_close(actual, np.array([1.0, 2.0]), 1e-6, atol=1.0)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((np.zeros(3), np.zeros((3, 1)), 1e-6), "shapes differ"),
+    ((np.zeros(3), np.zeros(3), -1e-6), "rtol and atol must be >= 0"),
+])
+def test_assert_close_bad_arguments(args, match):
+    with pytest.raises(ValueError, match=match):
+        assert_close(*args)
+    with pytest.raises(ValueError, match="atol"):
+        assert_close(np.zeros(2), np.zeros(2), 1e-6, atol=-1.0)
+
+
+def test_fd_roundoff_bounds_the_error_of_a_central_difference():
+    """The atol helper: machine epsilon |f| / eps. The difference of a large function with a small
+    derivative is off by far more than rtol |derivative| (an rtol-only check fails correct code),
+    and by no more than fd_roundoff(|f|)."""
+    assert fd_roundoff(1.0) == pytest.approx(np.finfo(float).eps / 1e-6, rel=1e-12)
+    assert fd_roundoff(3.0, eps=1e-4) == pytest.approx(3 * np.finfo(float).eps / 1e-4, rel=1e-12)
+    x = np.array([1e-3])
+    g = numerical_gradient(lambda z: np.array([1e4 + z.sum() ** 2]), x)  # exact derivative 2e-3
+    err = abs(g[0] - 2e-3)
+    assert 1e-6 * 2e-3 < err <= fd_roundoff(1e4)
+    assert_close(g, np.array([2e-3]), 1e-6, "d/dz (1e4 + z^2)", atol=fd_roundoff(1e4))

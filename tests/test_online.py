@@ -1,14 +1,14 @@
 """Tests for minilae.online: the online LAE step (eq. 10-11) and a short run on real MNIST."""
 import copy
 import math
-import os
 
 import numpy as np
 import pytest
 
 from minilae import backend, curvature
 from minilae import online as online_module
-from minilae.gradcheck import assert_close, numerical_gradient
+from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient
+from minilae.laplace import DiagonalLaplace
 from minilae.losses import Gaussian
 from minilae.models import mlp_autoencoder
 from minilae.online import OnlineLaplace
@@ -63,6 +63,36 @@ def test_one_step_is_eq_10_and_11(alpha, prior_precision, rng):
     H1 = (1 - alpha) * H0 + N_DATA / B * dense_ggn_diag(model, x, theta_s)
 
     assert_close(trainer.theta, theta1, 1e-6, "theta_1 (eq. 10)")
+    assert_close(trainer.H, H1, 1e-10, "H_1 (eq. 11)")
+
+
+# ----------------------------------------------------------------------------------------------
+# one SGD step against the hand-computed update (SGD, unlike Adam's first step ~ lr sign(g), keeps
+# the gradient's scale, so a sum over the batch instead of the mean shows)
+
+@pytest.mark.parametrize("B, alpha, prior_precision", [(5, 1e-3, 1.0), (8, 0.3, 4.0)])
+def test_one_sgd_step_is_eq_10_and_11_at_the_sampled_weights(B, alpha, prior_precision, rng):
+    """theta_1 = theta_0 - lr grad mean_b nll_b(theta_s), theta_s the sample drawn with the step's rng;
+    H_1 = (1 - alpha) H_0 + (N / B) G(theta_s) with G the dense GGN diagonal. Bugs caught: the
+    gradient summed over the batch (B times too large), taken at the mean instead of the sample,
+    or G averaged over the batch instead of summed."""
+    model = tiny_autoencoder()
+    x = batch(rng, B)
+    lr = 0.05
+    theta0 = model.get_params()
+    trainer = OnlineLaplace(model, N_DATA, alpha, prior_precision, hessian="exact", optimizer=SGD(lr=lr))
+    noise_rng = np.random.default_rng(11)
+    replay = copy.deepcopy(noise_rng)
+    trainer.step(x, noise_rng)
+    np.testing.assert_array_equal(model.get_params(), trainer.theta)  # the model holds the mean again
+
+    H0 = N_DATA / B * dense_ggn_diag(model, x, theta0) / alpha  # the recursion's stationary start
+    theta_s = DiagonalLaplace(theta0, H0, prior_precision).sample(1, replay)[0]  # the step's own draw
+    assert not np.allclose(theta_s, theta0)
+    g = numerical_gradient(lambda th: np.array([mean_nll(model, x, th)]), theta_s.copy())
+    atol = 10 * fd_roundoff(mean_nll(model, x, theta_s))  # 10x the differences' round-off floor
+    assert_close((theta0 - trainer.theta) / lr, g, 1e-6, "SGD update / lr = mean gradient at theta_s", atol=atol)
+    H1 = (1 - alpha) * H0 + N_DATA / B * dense_ggn_diag(model, x, theta_s)
     assert_close(trainer.H, H1, 1e-10, "H_1 (eq. 11)")
 
 
@@ -239,20 +269,13 @@ def test_step_without_a_generator_is_a_clear_error_and_changes_nothing(bad_rng, 
 # ----------------------------------------------------------------------------------------------
 # real data
 
-def _data_root():
-    root = os.environ.get("MINILAE_DATA")
-    if not root:
-        pytest.fail("set MINILAE_DATA to the folder with MNIST/ and FashionMNIST/ (CI: ../shared/data)")
-    return root
-
-
 @pytest.mark.slow
-def test_short_run_on_mnist_learns_and_is_uncertain_on_fashionmnist():
+def test_short_run_on_mnist_learns_and_is_uncertain_on_fashionmnist(real_data_root):
     from minilae.data import load_dataset
     from minilae.models import mlp_autoencoder as mlp
 
     backend.set_default_dtype(np.float32)  # the production dtype; the fixture restores float64
-    root = _data_root()
+    root = real_data_root
     x_train, _ = load_dataset("mnist", "train", root=root)
     x_val, _ = load_dataset("mnist", "val", root=root)
     x_ood, _ = load_dataset("fashionmnist", "test", root=root)

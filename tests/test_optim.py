@@ -138,7 +138,7 @@ def test_lr_is_settable_and_used(name, kw):
     run(b2, theta_b, grads)
     np.testing.assert_array_equal(theta_a, theta_b)
     for bad in (0.0, -1.0, math.nan, math.inf):
-        with pytest.raises(ValueError, match="lr"):
+        with pytest.raises(ValueError, match=f"lr must be a finite number > 0, got {bad}"):
             a.lr = bad
 
 

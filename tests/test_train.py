@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_data
 
 from minilae import train
 from minilae.training import load_checkpoint, save_checkpoint
@@ -17,10 +18,7 @@ QUICK = ["--epochs", "2", "--limit-train", "256", "--limit-val", "64", "--sample
 
 
 def data_root():
-    root = os.environ.get("MINILAE_DATA")
-    if not root:
-        pytest.fail("set MINILAE_DATA to the folder with MNIST/ and FashionMNIST/ (CI: ../shared/data)")
-    return root
+    return str(require_data())  # skips with the reason without the data, fails under CI=true
 
 
 def run_cli(args, timeout=240):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from minilae import training
-from minilae.gradcheck import assert_close, numerical_gradient
+from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient
 from minilae.losses import Gaussian
 from minilae.models import mlp_autoencoder
 from minilae.online import OnlineLaplace
@@ -47,6 +47,28 @@ def test_map_step_is_adam_on_the_mean_nll(rng):
     assert stats["mse"] == pytest.approx(float(((tiny().forward(x) - x) ** 2).mean()), rel=1e-12)
 
 
+@pytest.mark.parametrize("B, lr", [(6, 0.1), (1, 0.05), (11, 0.3)])
+def test_map_step_is_sgd_on_the_mean_nll(B, lr, rng):
+    """One SGD step: theta_1 = theta_0 - lr * grad_theta mean_b nll_b, with the gradient by central
+    differences. Bug caught: the batch gradient summed instead of averaged (B times too large),
+    which Adam's first step, ~ lr * sign(g), hides."""
+    model = tiny()
+    x = data(rng, B)
+    theta0 = model.get_params()
+
+    def mean_nll(th):
+        model.set_params(th)
+        return np.array([Gaussian(1.0).nll(model.forward(x), x).mean()])
+
+    g = numerical_gradient(mean_nll, theta0.copy())
+    atol = 10 * fd_roundoff(mean_nll(theta0)[0])  # 10x the differences' round-off floor
+    model.set_params(theta0)
+    trainer = MAPTrainer(model, SGD(lr=lr))
+    trainer.step(x)
+    assert_close((theta0 - trainer.theta) / lr, g, 1e-6, "SGD update / lr = mean-over-batch gradient", atol=atol)
+    np.testing.assert_array_equal(model.get_params(), trainer.theta)
+
+
 def make_trainer(kind, seed=0):
     model = tiny(seed)
     if kind == "ae":
@@ -83,6 +105,116 @@ def test_interrupted_and_resumed_run_ends_identically(kind, stop_after, rng, tmp
         np.testing.assert_array_equal(resumed.H, full.H)
     a, b = load_checkpoint(tmp_path / "full.npz")[0], load_checkpoint(tmp_path / "cut.npz")[0]
     assert [r["val_mse"] for r in a["history"]] == [r["val_mse"] for r in b["history"]]
+
+
+def scheduled_trainer(kind, seed=0):
+    """A trainer whose run with lr_patience=1, stop_patience=3 halves the lr several times and stops early."""
+    model = tiny(seed)
+    if kind == "ae":
+        return MAPTrainer(model, Adam(lr=0.1))
+    return OnlineLaplace(model, 40, alpha=0.05, optimizer=Adam(lr=0.1))
+
+
+@pytest.mark.parametrize("kind", ["ae", "online"])
+def test_resume_keeps_the_lr_schedule_and_the_early_stopping_state(kind, rng, tmp_path):
+    """Interrupted where the lr has already been halved, is halved again later, and the stopping
+    count is running: the resumed run must repeat the uninterrupted one (lr per epoch, best epoch,
+    stop epoch, final weights). Bugs caught: a resume that drops the scheduler's or the early
+    stopper's state (both restart from 'best = inf', delaying the next halving and the stop)."""
+    x_train, x_val = data(rng, 40), data(rng, 10)
+    kw = dict(epochs=40, batch_size=8, seed=3, lr_patience=1, stop_patience=3, log=quiet, progress=False)
+    cuts = {}
+
+    def keep_checkpoints(epoch, record):
+        cuts[epoch] = load_checkpoint(tmp_path / "full.npz")[0]  # the state a kill after this epoch leaves
+
+    full = scheduled_trainer(kind)
+    ref = fit(full, x_train, x_val, checkpoint=tmp_path / "full.npz", on_epoch_end=keep_checkpoints, **kw)
+    lrs = [r["lr"] for r in ref["history"]]
+    stop = ref["epoch"]
+    halved_after = [e for e in range(1, stop) if lrs[e] < lrs[e - 1]]  # lr lowered at the end of epoch e
+    # the cut c: a halving at or before c; another at the end of c + 1 (a restarted scheduler would
+    # count c + 1 as an improvement and skip it); the best epoch before c, so the count of bad
+    # epochs that ends the run spans the cut (a restarted stopper would count from c + 1, stop later)
+    candidates = [c for c in range(halved_after[0], stop - 1)
+                  if c + 1 in halved_after and ref["best"]["epoch"] <= c]
+    assert stop < kw["epochs"] and candidates, (lrs, stop, ref["best"]["epoch"])
+    cut = candidates[0]
+
+    resumed = scheduled_trainer(kind, seed=1)  # another init: everything must come from the checkpoint
+    state = fit(resumed, x_train, x_val, resume=cuts[cut], **kw)
+    assert [r["lr"] for r in state["history"]] == lrs
+    assert [r["val_mse"] for r in state["history"]] == [r["val_mse"] for r in ref["history"]]
+    assert (state["epoch"], state["best"]["epoch"]) == (stop, ref["best"]["epoch"])
+    np.testing.assert_array_equal(resumed.theta, full.theta)
+    if kind == "online":
+        np.testing.assert_array_equal(resumed.H, full.H)
+
+
+def image_ids(xb, n):
+    """Which images of the training set a batch holds (image i carries i / n in its first pixel)."""
+    return np.rint(xb[:, 0, 0, 0] * n).astype(int).tolist()
+
+
+def recorded_orders(trainer, x_train, x_val, n, **kw):
+    """fit's training-image order per epoch, read from the batches the trainer receives."""
+    orders, step = {}, trainer.step
+
+    def recording_step(xb, rng=None):
+        orders.setdefault(trainer.t // n_steps, []).extend(image_ids(xb, n))
+        return step(xb, rng)
+
+    n_steps = -(-n // kw["batch_size"])
+    trainer.step = recording_step
+    fit(trainer, x_train, x_val, log=quiet, progress=False, **kw)
+    return [orders[e] for e in sorted(orders)]
+
+
+def test_each_epoch_shuffles_anew_and_reproducibly(rng, tmp_path):
+    """Every epoch sees every image once, in an order that differs from epoch to epoch and is the
+    same for the same (seed, epoch), also after a resume. Bug caught: one shuffle order reused
+    for every epoch (e.g. generators derived from the seed alone)."""
+    n = 24
+    x_train, x_val = data(rng, n), data(rng, 4)
+    x_train[:, 0, 0, 0] = np.arange(n) / n
+    kw = dict(epochs=4, batch_size=5, seed=7)
+    orders = recorded_orders(MAPTrainer(tiny(), SGD(lr=1e-3)), x_train, x_val, n, **kw)
+    assert len(orders) == 4 and all(sorted(o) == list(range(n)) for o in orders)
+    assert len({tuple(o) for o in orders}) == 4, "an epoch repeated another's order"
+    assert recorded_orders(MAPTrainer(tiny(), SGD(lr=1e-3)), x_train, x_val, n, **kw) == orders
+    other_seed = recorded_orders(MAPTrainer(tiny(), SGD(lr=1e-3)), x_train, x_val, n, **{**kw, "seed": 8})
+    assert all(a != b for a, b in zip(other_seed, orders))
+    # resumed after epoch 2: epochs 3 and 4 see the same orders as in the uninterrupted run
+    half = fit(MAPTrainer(tiny(), SGD(lr=1e-3)), x_train, x_val, log=quiet, progress=False, **{**kw, "epochs": 2})
+    resumed = MAPTrainer(tiny(), SGD(lr=1e-3))
+    assert recorded_orders(resumed, x_train, x_val, n, resume=half, **kw) == orders[2:]
+
+
+@pytest.mark.parametrize("n, batch_size", [(7, 3), (5, 500)])
+def test_validation_mse_is_per_pixel(n, batch_size, rng):
+    """reconstruction_mse = mean over images and pixels of (f - x)^2, whatever the batching.
+    Bug caught: the sum divided by the number of images (a per-image MSE, 6x larger here)."""
+    model = tiny()
+    x = data(rng, n)
+    hand = np.mean((model.forward(x) - x) ** 2)
+    assert reconstruction_mse(model, x, batch_size=batch_size) == pytest.approx(hand, rel=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["ae", "online"])
+def test_fit_records_the_per_pixel_validation_mse_of_the_mean_network(kind, rng):
+    """Each epoch's val_mse is the per-pixel MSE of the network at the trainer's mean parameters."""
+    x_train, x_val = data(rng, 16), data(rng, 7)
+    trainer = make_trainer(kind)
+    recorded, hand = [], []
+
+    def check(epoch, record):
+        trainer.model.set_params(trainer.theta)
+        hand.append(float(np.mean((trainer.model.forward(x_val) - x_val) ** 2)))
+        recorded.append(record["val_mse"])
+
+    fit(trainer, x_train, x_val, epochs=3, batch_size=4, seed=0, log=quiet, progress=False, on_epoch_end=check)
+    assert len(recorded) == 3
+    assert_close(np.array(recorded), np.array(hand), 1e-12, "recorded val_mse vs per-pixel hand computation")
 
 
 def test_result_is_the_best_validation_epoch(rng):
@@ -158,8 +290,12 @@ def test_failed_write_never_replaces_a_good_checkpoint(tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt.npz"]  # no temporary file left behind
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
-def test_damaged_checkpoints_give_clear_errors(damage, tmp_path):
+@pytest.mark.parametrize("damage, match", [
+    ("truncate", "ckpt.npz is unreadable, truncated or not a minilae checkpoint"),
+    ("garbage", "ckpt.npz is unreadable, truncated or not a minilae checkpoint"),
+    ("missing", "no checkpoint at .*ckpt.npz"),
+])
+def test_damaged_checkpoints_give_clear_errors(damage, match, tmp_path):
     path = tmp_path / "ckpt.npz"
     save_checkpoint(path, sample_state(), {})
     if damage == "truncate":
@@ -168,7 +304,7 @@ def test_damaged_checkpoints_give_clear_errors(damage, tmp_path):
         path.write_bytes(b"not a checkpoint at all")
     else:
         path.unlink()
-    with pytest.raises(CheckpointError, match="unreadable|no checkpoint"):
+    with pytest.raises(CheckpointError, match=match):
         load_checkpoint(path)
 
 
@@ -188,14 +324,15 @@ def test_signature_mismatch_names_the_differences():
     with pytest.raises(CheckpointError, match="latent_size: checkpoint 2, this run 3"):
         check_signature(model_signature(a, "mlp"), model_signature(b, "mlp"))
     c = mlp_autoencoder(input_shape=IMAGE, latent_size=2, hidden=(5,))
-    with pytest.raises(CheckpointError, match="num_params"):
+    with pytest.raises(CheckpointError, match=r"num_params: checkpoint \d+, this run \d+"):
         check_signature(model_signature(a, "mlp"), model_signature(c, "mlp"))
 
 
 def test_load_state_dict_refuses_another_parameter_count(rng):
     state = copy.deepcopy(MAPTrainer(tiny()).state_dict())
     other = MAPTrainer(mlp_autoencoder(input_shape=IMAGE, latent_size=2, hidden=(6,)))
-    with pytest.raises(CheckpointError, match="parameters"):
+    with pytest.raises(CheckpointError, match=rf"checkpoint holds {state['theta'].size} parameters, "
+                                              rf"the model has {other.theta.size}"):
         other.load_state_dict(state)
 
 

@@ -5,6 +5,7 @@ import os
 from pathlib import Path
 
 import pytest
+from conftest import require_data
 
 nbformat = pytest.importorskip("nbformat", reason="notebook tests need the [test] extra (nbformat)")
 nbclient = pytest.importorskip("nbclient", reason="notebook tests need the [test] extra (nbclient)")
@@ -19,9 +20,11 @@ def test_tutorials_exist():
 @pytest.mark.slow
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
 def test_tutorial_runs(path, monkeypatch):
+    nb = nbformat.read(path, as_version=4)
+    if any("load_dataset" in c.source for c in nb.cells if c.cell_type == "code"):
+        require_data()  # a notebook that reads MNIST/FashionMNIST: the real-data rule (before CI is set below)
     monkeypatch.setenv("CI", os.environ.get("CI", "true"))  # tutorials shrink their sizes under CI
     monkeypatch.setenv("MPLBACKEND", "Agg")
-    nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})
     client.execute()

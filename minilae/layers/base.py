@@ -116,7 +116,7 @@ class Layer:
         return self._trace is not None and self._trace[0] is f and self._trace[1] == self.leaf_stamps()
 
     def _forward(self, x):
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} does not define _forward(x): subclass Layer and implement it")
 
     def _cached_input(self):
         if self._x is None:

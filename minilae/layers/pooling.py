@@ -21,7 +21,11 @@ def _selection_jacobian(x, in_index):
 
 
 class MaxPool2d(Layer):
-    """y[c, i, j] = max over the k x k window (non-overlapping: stride = kernel_size)."""
+    """y[c, i, j] = max over the k x k window (non-overlapping: stride = kernel_size).
+
+    Tied maxima (constant windows, e.g. MNIST's black border) route the derivative to the first
+    of them in row-major window order, as PyTorch and numpy.argmax do.
+    """
 
     def __init__(self, kernel_size: int = 2, stride=None):
         super().__init__()
