@@ -72,7 +72,7 @@ def test_one_step_is_eq_10_and_11(alpha, prior_precision, rng):
 
 @pytest.mark.parametrize("B, alpha, prior_precision", [(5, 1e-3, 1.0), (8, 0.3, 4.0)])
 def test_one_sgd_step_is_eq_10_and_11_at_the_sampled_weights(B, alpha, prior_precision, rng):
-    """theta_1 = theta_0 - lr grad mean_b nll_b(theta_s), theta_s the sample drawn with the step's rng;
+    """theta_1 = theta_0 - lr (grad mean_b nll_b(theta_s) + lambda / N theta_0), theta_s the step's own draw;
     H_1 = (1 - alpha) H_0 + (N / B) G(theta_s) with G the dense GGN diagonal. Bugs caught: the
     gradient summed over the batch (B times too large), taken at the mean instead of the sample,
     or G averaged over the batch instead of summed."""
@@ -91,7 +91,9 @@ def test_one_sgd_step_is_eq_10_and_11_at_the_sampled_weights(B, alpha, prior_pre
     assert not np.allclose(theta_s, theta0)
     g = numerical_gradient(lambda th: np.array([mean_nll(model, x, th)]), theta_s.copy())
     atol = 10 * fd_roundoff(mean_nll(model, x, theta_s))  # 10x the differences' round-off floor
-    assert_close((theta0 - trainer.theta) / lr, g, 1e-6, "SGD update / lr = mean gradient at theta_s", atol=atol)
+    g_prior = prior_precision / N_DATA * theta0  # the prior's share, at the mean (see test_..._prior_objective)
+    assert_close((theta0 - trainer.theta) / lr, g + g_prior, 1e-6, "SGD update / lr = mean gradient at theta_s",
+                 atol=atol)
     H1 = (1 - alpha) * H0 + N_DATA / B * dense_ggn_diag(model, x, theta_s)
     assert_close(trainer.H, H1, 1e-10, "H_1 (eq. 11)")
 
