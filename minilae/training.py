@@ -22,17 +22,16 @@ state: resuming re-creates the generators of epoch e + 1 exactly, on NumPy and C
 interrupted run ends with the same weights as an uninterrupted one.
 
 Checkpoints are single ``.npz`` files (host arrays via ``to_numpy``, plus the run's config and the
-scalar state as JSON strings) written to a temporary file and moved into place with
-``os.replace``, so a crash while writing never replaces a good checkpoint with a partial one.
+scalar state as JSON strings) written with :func:`minilae.files.atomic_write` (a unique temporary
+file, fsync, ``os.replace``), so a crash while writing never replaces a good checkpoint with a
+partial one.
 """
 from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
-import uuid
 import zipfile
 from pathlib import Path
 
@@ -40,6 +39,7 @@ import numpy as np  # host side only: checkpoint files and seed derivation
 
 from .backend import array_module, asarray, to_numpy, xp
 from .data import batches, n_batches
+from .files import atomic_write
 from .losses import Gaussian, get_likelihood
 from .optim import Adam, EarlyStopping, ReduceLROnPlateau
 
@@ -313,16 +313,7 @@ def save_checkpoint(path, state, config):
     tree = _split_state(state, arrays, "state")
     meta = json.dumps({"format": CHECKPOINT_FORMAT, "config": config, "state": tree})
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            np.savez(f, __meta__=np.array(meta), **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)  # atomic on one file system: readers see the old or the new file
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda f: np.savez(f, __meta__=np.array(meta), **arrays))
 
 
 def load_checkpoint(path):
