@@ -33,14 +33,15 @@ import gzip
 import hashlib
 import http.client
 import os
-import stat
 import urllib.request
-import uuid
 import warnings
 import zlib
 from pathlib import Path
 
 import numpy as np  # host-side file parsing only, allowed by the style guide
+
+from .files import atomic_write as _atomic_write
+from .files import is_writable as _is_writable
 
 ENV_DATA = "MINILAE_DATA"
 ENV_CACHE = "MINILAE_CACHE"
@@ -286,32 +287,6 @@ def _read_cache(path: Path, key: str) -> dict[str, np.ndarray] | None:
     if any(parts[p].dtype != np.uint8 or parts[p].shape != shapes[p] for p in PARTS):
         return None
     return parts
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call write(file) on a temporary file in path's folder, then os.replace it onto path."""
-    # A unique sibling name keeps the replace atomic (same file system) and concurrent
-    # writers apart; opening with "xb" keeps the usual umask permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _is_writable(folder: Path) -> bool:
-    """True if we may write in folder; a folder with no write bits counts as read-only even for root."""
-    try:
-        mode = folder.stat().st_mode
-    except OSError:
-        return False
-    write_bits = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
-    return os.access(folder, os.W_OK) and bool(mode & write_bits)
 
 
 def _write_cache(paths: list[Path], key: str, parts: dict[str, np.ndarray]) -> Path | None:

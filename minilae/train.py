@@ -10,18 +10,52 @@ GGN) on MNIST; ``--help`` lists every flag. A run writes into its output folder:
   latent.png           latent codes over the decoder-variance heat-map (Fig. 1; 2-D latent only)
 
 The three methods: ``ae`` trains the mean network only (MAP); ``posthoc`` trains the same MAP
-network, then fits a diagonal Laplace posterior with the GGN over the whole training set and
-chooses the prior precision by the Laplace marginal likelihood; ``online`` is the LAE of the
-paper (eq. 10-11, see :mod:`minilae.online`).
+network, then fits a diagonal Laplace posterior with the GGN over the whole training set (in
+batches of ``--posthoc-batch-size``, default ``--batch-size``) and chooses the prior precision by
+the Laplace marginal likelihood; ``online`` is the LAE of the paper (eq. 10-11, see
+:mod:`minilae.online`).
+
+The output folder:
+  * a folder that already holds a run (checkpoint.npz or metrics.json) is refused unless
+    ``--resume`` (continue it) or ``--overwrite`` (delete that run's files, once the new run has
+    loaded its data and passed its checks, then start afresh);
+  * it is checked to be a writable folder before any data are loaded, and a run holds an exclusive
+    lock on it (``flock`` on the folder) until it ends: a second run into it fails at once;
+  * temporary files a killed run left (``.checkpoint.npz.*.tmp``, ``.metrics.json.*.tmp``) are
+    removed at the start; a run that fails before saving anything removes the folder it created.
+
+Resuming (``--out DIR --resume``): the flags that define the model must match the checkpoint;
+omitted ones are taken from it. An interrupted run continues from its last finished epoch. A
+finished run is evaluated again; with a larger ``--epochs N`` it trains on to epoch N, exactly as
+an uninterrupted N-epoch run, unless early stopping had ended it (then, like an ``--epochs`` below
+the epochs already trained, the command is refused). For ``--method posthoc`` the Hessian
+structure (``--hessian``, ``--hessian-threshold``) and ``--prior-precision`` / ``--fix-prior``
+do not define the MAP network: giving other values recomputes the posterior of the finished run
+into the same folder. Before the first step, the memory of every Hessian pass the run will make
+(the online step at ``--batch-size``, the post-hoc pass at ``--posthoc-batch-size``, which a
+resumed run may change) is checked against the engine's budget, so an impossible run is refused
+before it trains.
+
+The backend: ``--backend``, else ``$MINILAE_BACKEND``, else (on ``--resume``) the checkpoint's, else
+numpy; it does not define the model, so a GPU run can be continued on a CPU with ``--backend numpy``.
+
+Exit status: 0 done; 1 runtime error (a short message on stderr, no traceback: data, checkpoint,
+folder, memory, divergence, a failed write such as a full disk); 2 usage error; 130 after Ctrl-C
+(SIGINT) and 143 after SIGTERM, both keeping the checkpoint of the last finished epoch and printing
+how to resume.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import math
 import os
 import shlex
+import signal
 import sys
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -31,7 +65,9 @@ import numpy as np  # host-side: data subsets, metrics and plots
 from . import backend
 from .backend import BackendError, asarray, to_numpy
 from .data import DataError, load_dataset
-from .hessian import MemoryBudgetError
+from .files import atomic_write, is_writable, stale_temp_files
+from .hessian import MemoryBudgetError, estimate_cost
+from .hessian.chain import BUDGET_FRACTION, format_bytes, resolve_budget
 from .laplace import DiagonalLaplace
 from .models import build_model
 from .online import DEFAULT_ALPHA, HESSIAN_METHODS, OnlineLaplace
@@ -41,25 +77,30 @@ from .predictive import predict, predict_decoder
 from .training import (CheckpointError, MAPTrainer, TrainingDivergedError, check_signature, fit,
                        load_checkpoint, model_signature, save_checkpoint)
 
-__all__ = ["main", "build_parser", "load_run", "DEFAULTS", "RUN_KEYS"]
+__all__ = ["main", "build_parser", "load_run", "DEFAULTS", "RUN_KEYS", "POSTHOC_KEYS"]
 
 DATASETS = ("mnist", "fashionmnist")
 METHODS = ("ae", "posthoc", "online")
 CHECKPOINT = "checkpoint.npz"
 METRICS = "metrics.json"
+FIGURES = ("reconstructions.png", "latent.png")
 
 DEFAULTS = {
-    "backend": os.environ.get("MINILAE_BACKEND", "numpy") or "numpy", "dataset": "mnist", "model": "mlp",
+    "backend": None, "dataset": "mnist", "model": "mlp",
     "method": "online", "hessian": "approx", "threshold": None, "latent_size": 2, "epochs": 10,
     "batch_size": 64, "lr": 1e-3, "alpha": DEFAULT_ALPHA, "prior_precision": 1.0, "fix_prior": False,
     "train_samples": 1, "samples": 100, "seed": 0, "out": None, "resume": False, "limit_train": None,
     "limit_val": None, "ood_dataset": "auto", "dtype": "float32", "data_root": None, "lr_patience": 5,
-    "stop_patience": 8, "quiet": False, "no_plots": False,
+    "stop_patience": 8, "quiet": False, "no_plots": False, "overwrite": False,
+    "posthoc_batch_size": None,
 }
 # flags that define the trained model: a resumed run must keep them (the checkpoint's value is used)
 RUN_KEYS = ("dataset", "model", "method", "hessian", "threshold", "latent_size", "batch_size", "lr", "alpha",
             "prior_precision", "fix_prior", "train_samples", "seed", "limit_train", "limit_val", "dtype",
             "lr_patience", "stop_patience")
+# ... except, for --method posthoc, the posterior's flags: they do not define the MAP network, and a finished
+# post-hoc run resumed with other values gets its posterior recomputed
+POSTHOC_KEYS = ("hessian", "threshold", "prior_precision", "fix_prior")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,8 +169,10 @@ def build_parser(suppress_defaults=False):
                         "(required with --hessian mixed)")
     g = p.add_argument_group("optimisation (the paper's schedule: Adam, lr halved on a 5-epoch plateau, "
                              "early stop after 8)")
-    g.add_argument("--epochs", type=_positive_int, default=d("epochs"), help="maximum number of epochs")
-    g.add_argument("--batch-size", type=_positive_int, default=d("batch_size"), help="images per minibatch")
+    g.add_argument("--epochs", type=_positive_int, default=d("epochs"),
+                   help="maximum number of epochs (with --resume: train a finished run on to this many)")
+    g.add_argument("--batch-size", type=_positive_int, default=d("batch_size"),
+                   help="images per minibatch")
     g.add_argument("--lr", type=_positive_float, default=d("lr"), help="Adam learning rate")
     g.add_argument("--lr-patience", type=_positive_int, default=d("lr_patience"),
                    help="halve the lr after this many epochs without validation improvement")
@@ -147,6 +190,9 @@ def build_parser(suppress_defaults=False):
                         "marginal-likelihood optimisation")
     g.add_argument("--fix-prior", action="store_true", default=d("fix_prior"),
                    help="posthoc: keep --prior-precision instead of optimising it")
+    g.add_argument("--posthoc-batch-size", type=_positive_int, default=d("posthoc_batch_size"),
+                   help="posthoc: images per batch of the GGN pass over the training set (default: --batch-size); "
+                        "only its memory and speed depend on it")
     g.add_argument("--train-samples", type=_positive_int, default=d("train_samples"),
                    help="online: weight samples per minibatch (Monte Carlo size of eq. 10-11)")
     g.add_argument("--samples", type=_positive_int, default=d("samples"),
@@ -161,13 +207,20 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--data-root", default=d("data_root"), help="data folder (default: $MINILAE_DATA, else "
                                                              "~/.cache/minilae/data)")
     g.add_argument("--backend", choices=backend.BACKENDS, default=d("backend"),
-                   help="array backend: numpy (CPU) or cupy (GPU); default from $MINILAE_BACKEND")
+                   help="array backend: numpy (CPU) or cupy (GPU); default: $MINILAE_BACKEND, else the "
+                        "checkpoint's with --resume, else numpy")
     g.add_argument("--dtype", choices=("float32", "float64"), default=d("dtype"), help="parameter dtype")
     g.add_argument("--out", default=d("out"),
-                   help="output folder (default: runs/<dataset>-<model>-<method>-<time>)")
+                   help="output folder (default: runs/<dataset>-<model>-<method>-<time>); a run locks it, and "
+                        "a folder that holds a run is refused without --resume or --overwrite")
     g.add_argument("--resume", action="store_true", default=d("resume"),
                    help="continue the run in --out from its checkpoint; flags that define the model must match "
-                        "the checkpoint (omitted ones are taken from it)")
+                        "the checkpoint (omitted ones are taken from it). A finished run is evaluated again, "
+                        "trained on to a larger --epochs, or (posthoc) given a new posterior with other "
+                        "--hessian, --hessian-threshold, --prior-precision or --fix-prior")
+    g.add_argument("--overwrite", action="store_true", default=d("overwrite"),
+                   help="replace the run in --out: its checkpoint, metrics and figures are deleted once the new "
+                        "run has loaded its data and passed its checks")
     g.add_argument("--quiet", action="store_true", default=d("quiet"),
                    help="no progress bars and no per-epoch lines (errors and the final summary only)")
     g.add_argument("--no-plots", action="store_true", default=d("no_plots"), help="skip the PNG figures")
@@ -181,28 +234,83 @@ class UsageError(ValueError):
     """A combination of flags that cannot work (reported like argparse's own errors)."""
 
 
-def resolve_config(argv):
-    """(config dict, explicitly given keys) from the command line, merged with a checkpoint on --resume."""
+class RunFolderError(RuntimeError):
+    """The output folder cannot hold this run: not a writable folder, in use, or holding another run."""
+
+
+def parse_args(argv):
+    """(arguments with defaults, explicitly given ones) of the command line, checked for usage errors."""
     args = vars(build_parser().parse_args(argv))
     explicit = vars(build_parser(suppress_defaults=True).parse_args(argv))
-    if args["hessian"] == "mixed" and args["threshold"] is None and args["method"] != "ae" and not args["resume"]:
-        raise UsageError("--hessian mixed needs --hessian-threshold N (full M where a layer's feature size <= N)")
-    if not args["resume"]:
-        return args, explicit, None
-    if args["out"] is None:
+    if args["out"] is not None and not args["out"].strip():
+        raise UsageError("--out needs a folder name, got an empty one")
+    if args["resume"] and args["overwrite"]:
+        raise UsageError("--resume continues the run in --out and --overwrite replaces it: give only one")
+    if args["resume"] and args["out"] is None:
         raise UsageError("--resume needs --out RUN_DIR, the folder of the run to continue")
+    if not args["resume"]:
+        _check_mixed(args)
+    args["backend"] = _backend_name(explicit, {})
+    return args, explicit
+
+
+def _check_mixed(config):
+    if config["hessian"] == "mixed" and config["threshold"] is None and config["method"] != "ae":
+        raise UsageError("--hessian mixed needs --hessian-threshold N (full M where a layer's feature size <= N)")
+
+
+def _backend_name(explicit, stored_args):
+    """--backend, else $MINILAE_BACKEND, else the checkpoint's, else numpy (read now, not at import)."""
+    return (explicit.get("backend") or os.environ.get("MINILAE_BACKEND") or stored_args.get("backend")
+            or "numpy")
+
+
+def with_checkpoint(args, explicit):
+    """(config, (state, stored)) of a resumed run: the checkpoint's flags, overridden by the explicit ones."""
     path = Path(args["out"]) / CHECKPOINT
     state, stored = load_checkpoint(path)
     stored_args = stored.get("args")
     if not isinstance(stored_args, dict):
         raise CheckpointError(f"{path} holds no run configuration; it was not written by minilae.train")
+    fixed = [k for k in RUN_KEYS if stored_args.get("method") != "posthoc" or k not in POSTHOC_KEYS]
     conflicts = [f"--{k.replace('_', '-')}: checkpoint {stored_args.get(k)!r}, given {explicit[k]!r}"
-                 for k in RUN_KEYS if k in explicit and explicit[k] != stored_args.get(k)]
+                 for k in fixed if k in explicit and explicit[k] != stored_args.get(k)]
     if conflicts:
         raise CheckpointError(f"{path} belongs to a different run:\n  " + "\n  ".join(conflicts)
                               + "\nDrop these flags to continue that run, or choose a new --out folder.")
-    config = {**DEFAULTS, **stored_args, **explicit, "resume": True, "out": args["out"]}
-    return config, explicit, (state, stored)
+    _check_epochs(explicit.get("epochs"), state, path.parent)
+    config = {**DEFAULTS, **stored_args, **explicit, "resume": True, "overwrite": False, "out": args["out"],
+              "backend": _backend_name(explicit, stored_args)}
+    _check_mixed(config)
+    return config, (state, stored)
+
+
+def _stopped_early(state):
+    stopper = state["stopper"]
+    return stopper["num_bad_epochs"] >= stopper["patience"]
+
+
+def _check_epochs(epochs, state, out):
+    """Refuse an explicit --epochs N a resumed run cannot reach: below the epochs trained, or after an early stop."""
+    if epochs is None:
+        return
+    done = int(state["epoch"])
+    if epochs < done:
+        raise UsageError(f"--epochs {epochs}: the run in {out} has already trained {done} epochs; give "
+                         f"--epochs {done} or more, or leave --epochs out")
+    if epochs > done and _stopped_early(state):
+        raise UsageError(f"--epochs {epochs}: the run in {out} stopped early after epoch {done} (no validation "
+                         f"improvement for {state['stopper']['patience']} epochs) and cannot train on; leave "
+                         "--epochs out to evaluate it again, or start a new run")
+
+
+def resolve_config(argv):
+    """(config dict, explicitly given keys, (state, stored) of the checkpoint on --resume, else None)."""
+    args, explicit = parse_args(argv)
+    if not args["resume"]:
+        return args, explicit, None
+    config, resumed = with_checkpoint(args, explicit)
+    return config, explicit, resumed
 
 
 def _out_dir(config):
@@ -210,6 +318,84 @@ def _out_dir(config):
         return Path(config["out"])
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     return Path("runs") / f"{config['dataset']}-{config['model']}-{config['method']}-{stamp}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the output folder
+
+def _remove_empty(folders):
+    """rmdir the folders, deepest first, stopping at the first that is not empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _create_folder(out):
+    """mkdir -p out; return the folders it created, outermost first (a failing run removes them again)."""
+    if out.exists() and not out.is_dir():
+        raise RunFolderError(f"--out {out} is a file, not a folder")
+    missing = [p for p in (out, *out.parents) if not p.exists()][::-1]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        _remove_empty(missing)
+        raise RunFolderError(f"cannot create the output folder {out}: {err.strerror}") from None
+    return missing
+
+
+def _lock(out):
+    """An exclusive flock on the folder itself, held while the returned descriptor is open."""
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RunFolderError(f"{out} is in use by another run (it holds the folder's lock); wait for that run "
+                             "to end or choose another --out") from None
+    return fd
+
+
+@contextlib.contextmanager
+def run_folder(out, create):
+    """The run's folder: created (if create), checked writable and locked for the run, cleaned of stale
+    temporary files; removed again if this run created it and fails leaving it empty."""
+    out = Path(out)
+    created = _create_folder(out) if create else []
+    fd = None
+    try:
+        if not out.is_dir():
+            raise RunFolderError(f"--out {out} is a file, not a folder" if out.exists() else
+                                 f"no run to resume in {out}: the folder does not exist")
+        if not is_writable(out):
+            raise RunFolderError(f"--out {out} is not writable (a read-only folder or file system)")
+        fd = _lock(out)
+        for tmp in stale_temp_files(out, (CHECKPOINT, METRICS)):  # ours, from a killed run: we hold the lock
+            tmp.unlink(missing_ok=True)
+        yield out
+    except BaseException:
+        _remove_empty(created)
+        raise
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _refuse_existing_run(out, overwrite):
+    found = [name for name in (CHECKPOINT, METRICS) if (out / name).exists()]
+    if found and not overwrite:
+        raise RunFolderError(f"{out} already holds a run ({', '.join(found)}): continue it with --resume, replace "
+                             "it with --overwrite, or choose another --out")
+
+
+def _clear_previous_run(out, log):
+    """--overwrite: delete the previous run's files (only the names a run writes)."""
+    removed = [name for name in (CHECKPOINT, METRICS, *FIGURES) if (out / name).is_file()]
+    for name in removed:
+        (out / name).unlink()
+    if removed:
+        log(f"--overwrite: removed the previous run's {', '.join(removed)} from {out}")
 
 
 def _load_images(name, split, limit, root):
@@ -277,9 +463,9 @@ def _figures(out, config, model, posterior, val, ood, val_labels, log):
 
 
 def _write_json(path, obj):
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=float))
-    os.replace(tmp, path)
+    """obj as JSON, written like the checkpoint (unique temporary file, fsync, os.replace)."""
+    text = json.dumps(obj, indent=2, default=float)
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -307,10 +493,11 @@ def _fit_posterior(config, model, trainer, state, x_train, log):
         return None, None
     if state.get("posterior") is not None:  # a finished post-hoc run, evaluated again
         return _stored_posterior(state["posterior"]), state.get("posthoc")
-    log(f"post-hoc Laplace: {config['hessian']} diagonal GGN over {len(x_train)} training images")
+    log(f"post-hoc Laplace: {config['hessian']} diagonal GGN over {len(x_train)} training images "
+        f"(batches of {_posthoc_batch_size(config)})")
     posterior, info = fit_posthoc(model, x_train, method=config["hessian"], threshold=config["threshold"],
-                                  prior_precision=config["prior_precision"], optimize_prior=not config["fix_prior"],
-                                  progress=not config["quiet"])
+                                  batch_size=_posthoc_batch_size(config), prior_precision=config["prior_precision"],
+                                  optimize_prior=not config["fix_prior"], progress=not config["quiet"])
     log(f"prior precision {info['prior_precision']:.4g} "
         f"(log marginal likelihood {info['log_marginal_likelihood']:.6g})")
     return posterior, info
@@ -333,38 +520,90 @@ def _report(metrics, out, n_samples, log):
     log(f"results written to {out}/ ({', '.join(files)})")
 
 
+def _use_backend(name):
+    """Select the array backend; if it cannot work here, say that --backend numpy does."""
+    try:
+        backend.set_backend(name)
+    except BackendError as err:
+        reason = str(err).split(": the CuPy backend needs")[0]  # the library's advice is not the command's
+        raise BackendError(f"the {name} backend cannot be used on this machine ({reason}); run on the CPU with "
+                           "--backend numpy" + (", or install CuPy: pip install 'minilae[gpu]'"
+                                                if name == "cupy" else "")) from None
+
+
+def _posthoc_batch_size(config):
+    return config["posthoc_batch_size"] or config["batch_size"]
+
+
+def _check_hessian_memory(config, model, n_train, passes):
+    """Refuse before the first step if a Hessian pass (name, batch size) would exceed the engine's memory budget."""
+    budget = resolve_budget(None, backend.xp())
+    for what, batch in passes:
+        batch = min(batch, n_train)
+        table = estimate_cost(model, model.input_shape, batch, config["hessian"], threshold=config["threshold"])
+        if table.peak_bytes > budget:
+            raise MemoryBudgetError(
+                f"{what} (--hessian {config['hessian']}, batch {batch}) would need {format_bytes(table.peak_bytes)}, "
+                f"more than the memory budget of {format_bytes(budget)} ({BUDGET_FRACTION:.0%} of the free "
+                "memory); refused before starting")
+
+
+def _plan(config, resume_state, stored_args):
+    """(train, new posterior): whether this run trains (more) epochs and whether it computes a post-hoc posterior."""
+    train = (resume_state is None or resume_state.get("stage") != "done"
+             or (config["epochs"] > resume_state["epoch"] and not _stopped_early(resume_state)))
+    new_posterior = config["method"] == "posthoc" and (
+        train or any(config[k] != stored_args.get(k) for k in POSTHOC_KEYS))
+    return train, new_posterior
+
+
 def run(config, resumed=None, log=print, argv=None):
-    """Train, fit the posterior, evaluate and plot as the config says; return the metrics dict."""
-    backend.set_backend(config["backend"])
+    """Train, fit the posterior, evaluate and plot as the config says; return the metrics dict.
+
+    config["out"] is the run's folder, prepared and locked by :func:`run_folder`.
+    """
+    _use_backend(config["backend"])
     backend.set_default_dtype(np.dtype(config["dtype"]))
-    out = _out_dir(config)
-    config = {**config, "out": str(out)}
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(config["out"])
     quiet_log = log if not config["quiet"] else (lambda *a, **k: None)
     data = _load_data(config)
 
     model = build_model(config["model"], data["train"].shape[1:], config["latent_size"], seed=config["seed"])
     signature = model_signature(model, config["model"])
     ckpt_path = out / CHECKPOINT
-    resume_state = None
+    resume_state, stored_args = None, {}
     if resumed is not None:
         resume_state, stored = resumed
         check_signature(stored.get("signature", {}), signature, ckpt_path)
+        stored_args = stored["args"]
     stored_config = {"args": {k: v for k, v in config.items() if k in DEFAULTS}, "signature": signature}
     trainer = _make_trainer(config, model, len(data["train"]))
+    train, new_posterior = _plan(config, resume_state, stored_args)
+    passes = ([("the online training step", config["batch_size"])] if train and config["method"] == "online"
+              else []) + ([("the post-hoc GGN pass", _posthoc_batch_size(config))] if new_posterior else [])
+    _check_hessian_memory(config, model, len(data["train"]), passes)
     quiet_log(f"{config['method']} | {config['model']} | {config['dataset']} ({len(data['train'])} train, "
               f"{len(data['val'])} val) | {model.num_params} parameters | backend {config['backend']} | output {out}")
+    if config["overwrite"]:
+        _clear_previous_run(out, quiet_log)
 
     start = time.perf_counter()
-    if resume_state is not None and resume_state.get("stage") == "done":
-        quiet_log("the checkpoint is of a finished run: evaluating it again")
-        trainer.load_state_dict(resume_state["trainer"])
-        state = resume_state
-    else:
+    if train:
+        if resume_state is not None and resume_state.get("stage") == "done":
+            quiet_log(f"the run finished after epoch {resume_state['epoch']}: training on to epoch {config['epochs']}")
         state = fit(trainer, data["train"], data["val"], epochs=config["epochs"], batch_size=config["batch_size"],
                     seed=config["seed"], lr_patience=config["lr_patience"], stop_patience=config["stop_patience"],
                     checkpoint=ckpt_path, config=stored_config, resume=resume_state,
                     progress=not config["quiet"], log=quiet_log)
+    else:
+        trainer.load_state_dict(resume_state["trainer"])
+        state = resume_state
+        if new_posterior:
+            changed = [f"--{k.replace('_', '-')} {config[k]}" for k in POSTHOC_KEYS if config[k] != stored_args.get(k)]
+            quiet_log(f"the checkpoint is of a finished run: recomputing its posterior with {', '.join(changed)}")
+            state = {**state, "posterior": None, "posthoc": None}
+        else:
+            quiet_log("the checkpoint is of a finished run: evaluating it again")
     train_time = time.perf_counter() - start
     posterior, posthoc_info = _fit_posterior(config, model, trainer, state, data["train"], quiet_log)
     state = _final_state(state, config, posterior, posthoc_info)
@@ -410,29 +649,63 @@ def load_run(run_dir):
     return model, posterior, args
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that a terminated run ends like an interrupted one."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated
+
+
+def _os_error(err):
+    """One line for an OSError: the file and the reason (e.g. a full disk), without a traceback."""
+    return f"{err.filename}: {err.strerror}" if err.filename and err.strerror else str(err)
+
+
+def _interrupted(err, out):
+    what = "terminated (SIGTERM)" if isinstance(err, Terminated) else "interrupted"
+    if (Path(out) / CHECKPOINT).is_file():
+        return (f"\n{what}; continue from the last finished epoch with: python -m minilae.train "
+                f"--out {shlex.quote(str(out))} --resume")
+    return f"\n{what} before the first epoch ended; nothing was saved"
+
+
 def main(argv=None):
-    """Entry point; returns the exit status (0 ok, 1 runtime error, 2 usage error)."""
+    """Entry point; returns the exit status (0 ok, 1 runtime error, 2 usage error, 130 SIGINT, 143 SIGTERM)."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    config = {"out": "RUN_DIR"}
+    out = "RUN_DIR"
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
-        config, _, resumed = resolve_config(argv)
-        config["out"] = str(_out_dir(config))
-        run(config, resumed, argv=argv)
+        args, explicit = parse_args(argv)
+        out = _out_dir(args)
+        with run_folder(out, create=not args["resume"]):
+            if args["resume"]:
+                config, resumed = with_checkpoint(args, explicit)
+            else:
+                _refuse_existing_run(out, args["overwrite"])
+                config, resumed = args, None
+            run({**config, "out": str(out)}, resumed, argv=argv)
     except UsageError as err:
         build_parser().print_usage(sys.stderr)
         print(f"python -m minilae.train: error: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingDivergedError, BackendError) as err:
+    except (DataError, CheckpointError, TrainingDivergedError, BackendError, RunFolderError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except MemoryBudgetError as err:
-        print(f"error: {err}\nThe exact diagonal does not fit in memory for this model and batch size: use a "
-              "smaller --batch-size, --hessian sqrt (exact, slower) or --hessian approx / mixed.", file=sys.stderr)
+        print(f"error: {err}. Use a smaller --batch-size, --hessian sqrt (exact, slower) or --hessian approx / "
+              "mixed.", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(f"\ninterrupted; continue from the last finished epoch with: python -m minilae.train "
-              f"--out {config['out']} --resume", file=sys.stderr)
-        return 130
+    except OSError as err:
+        print(f"error: {_os_error(err)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt as err:
+        print(_interrupted(err, out), file=sys.stderr)
+        return 143 if isinstance(err, Terminated) else 130
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 

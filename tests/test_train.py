@@ -1,9 +1,13 @@
 """Tests for `python -m minilae.train`: flags, end-to-end runs on real MNIST, resume, bad input."""
+import errno
+import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -12,6 +16,8 @@ import pytest
 from conftest import require_data
 
 from minilae import train
+from minilae.hessian import chain
+from minilae.posthoc import fit_posthoc
 from minilae.training import load_checkpoint, save_checkpoint
 
 QUICK = ["--epochs", "2", "--limit-train", "256", "--limit-val", "64", "--samples", "4", "--quiet"]
@@ -223,3 +229,354 @@ def test_corrupt_data_file_fails_its_checksum(tmp_path, capsys):
     assert train.main([*QUICK, "--data-root", str(root), "--out", str(tmp_path / "run")]) == 1
     err = capsys.readouterr().err
     assert "checksum" in err and "train-labels-idx1-ubyte.gz" in err
+
+
+# ----------------------------------------------------------------------------------------------
+# the command under faults: the output folder, signals, memory, resume, divergence, backend
+
+TINY = ["--epochs", "1", "--limit-train", "64", "--limit-val", "16", "--samples", "2", "--no-plots", "--quiet",
+        "--ood-dataset", "none"]
+
+
+def one_line_error(err, *parts):
+    """stderr is one 'error: ...' line naming every part, without a traceback."""
+    assert "Traceback" not in err and err.startswith("error: ") and err.strip().count("\n") == 0, err
+    for part in parts:
+        assert part in err, (part, err)
+
+
+def copy_run(run_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+@pytest.fixture(scope="module")
+def posthoc_run(tmp_path_factory):
+    """A one-epoch post-hoc run (approx GGN) whose posterior the resume tests redo."""
+    out = tmp_path_factory.mktemp("posthoc") / "run"
+    result = run_cli(["--method", "posthoc", *TINY, "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_usage_errors_of_the_output_flags(capsys, tmp_path):
+    """Catches --out '' writing into the current folder, and --resume with --overwrite accepted."""
+    no_data = ["--data-root", str(tmp_path / "no-data")]  # a run that does start fails at once
+    for args, message in [(["--out", ""], "--out needs a folder name"),
+                          (["--out", str(tmp_path), "--resume", "--overwrite"], "give only one")]:
+        assert train.main([*TINY, *no_data, *args]) == 2
+        assert message in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("present", [["checkpoint.npz"], ["metrics.json"]])
+def test_a_folder_that_holds_a_run_is_refused(present, tmp_path, capsys, monkeypatch):
+    """Catches a new run silently replacing the checkpoint and metrics of an earlier one (exit 0)."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    for name in present:
+        (tmp_path / name).write_bytes(b"an earlier run")
+    assert train.main([*TINY, "--out", str(tmp_path)]) == 1
+    one_line_error(capsys.readouterr().err, "already holds a run", *present, "--resume", "--overwrite")
+    assert all((tmp_path / name).read_bytes() == b"an earlier run" for name in present)
+
+
+def test_overwrite_replaces_only_the_run_files(finished_run, tmp_path, capsys, monkeypatch):
+    """Catches --overwrite leaving the old run's files (a stale figure) or deleting files that are not ours."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    run_dir = copy_run(finished_run, tmp_path)
+    (run_dir / "latent.png").write_bytes(b"old figure")
+    (run_dir / "notes.txt").write_text("mine")
+    assert train.main([*TINY, "--method", "ae", "--out", str(run_dir), "--overwrite"]) == 0
+    assert json.loads((run_dir / "metrics.json").read_text())["config"]["method"] == "ae"
+    assert load_checkpoint(run_dir / "checkpoint.npz")[1]["args"]["method"] == "ae"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoint.npz", "metrics.json", "notes.txt"]
+
+
+def test_a_run_holds_its_folder_locked_and_a_second_run_fails_at_once(tmp_path, capsys, monkeypatch):
+    """Catches two runs into one folder both 'succeeding' (one result lost): the folder must be locked."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    seen = {}
+
+    def probe(config, resumed=None, log=print, argv=None):  # stands in for the training, inside the lock
+        if not seen:  # (without a lock the second run would call probe again)
+            seen["second"] = None
+            seen["second"] = train.main([*TINY, "--out", config["out"]])
+            seen["err"] = capsys.readouterr().err
+
+    monkeypatch.setattr(train, "run", probe)
+    assert train.main([*TINY, "--out", str(tmp_path)]) == 0
+    assert seen["second"] == 1
+    one_line_error(seen["err"], f"{tmp_path} is in use by another run")
+    fd = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released at the end of the run
+    os.close(fd)
+
+
+def test_metrics_are_written_like_the_checkpoint(tmp_path, monkeypatch):
+    """Catches metrics.json written through one fixed temporary name without fsync: concurrent writers
+    then rename each other's file away (FileNotFoundError) and a crash can leave it empty."""
+    fsyncs = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (fsyncs.append(fd), real_fsync(fd))[1])
+    path, errors = tmp_path / "metrics.json", []
+
+    def writer(i):
+        try:
+            for k in range(40):
+                train._write_json(path, {"writer": i, "k": k, "pad": [0.5] * 2000})
+        except OSError as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(fsyncs) == 8 * 40
+    assert json.loads(path.read_text())["k"] == 39
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]
+
+
+def test_stale_temporary_files_of_a_killed_run_are_removed_on_resume(finished_run, tmp_path, monkeypatch):
+    """Catches the temporary checkpoint/metrics files of a killed run (25 MB each here) piling up forever."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    run_dir = copy_run(finished_run, tmp_path)
+    stale = [".checkpoint.npz.4242.0123456789abcdef0123456789abcdef.tmp", ".metrics.json.99.%s.tmp" % ("f" * 32)]
+    kept = [".checkpoint.npz.mine.tmp", "notes.tmp"]
+    for name in stale + kept:
+        (run_dir / name).write_bytes(b"x")
+    assert train.main(["--out", str(run_dir), "--resume", "--quiet"]) == 0
+    assert sorted(p.name for p in run_dir.iterdir()) == sorted(["checkpoint.npz", "metrics.json", *kept])
+
+
+@pytest.mark.parametrize("case", ["read-only", "a file", "under a file"])
+def test_an_unusable_out_is_refused_before_the_data_are_read(case, tmp_path, capsys):
+    """Catches a raw traceback for an unusable --out, and the read-only case refused only after an epoch:
+    the data root is empty, so a check made after loading the data would report the data instead."""
+    out = {"read-only": tmp_path / "ro", "a file": tmp_path / "file", "under a file": tmp_path / "file" / "run"}[case]
+    (tmp_path / "file").write_text("not a folder")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    try:
+        assert train.main([*TINY, "--data-root", str(tmp_path / "no-data"), "--out", str(out)]) == 1
+    finally:
+        (tmp_path / "ro").chmod(0o755)
+    message = {"read-only": "is not writable", "a file": "is a file, not a folder",
+               "under a file": "cannot create the output folder"}[case]
+    one_line_error(capsys.readouterr().err, str(out), message)
+    assert not (tmp_path / "no-data").exists() and list((tmp_path / "ro").iterdir()) == []
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """Catches an OSError (ENOSPC while writing the epoch-2 checkpoint) escaping as a traceback."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    real_savez, calls = np.savez, []
+
+    def savez(f, **arrays):
+        calls.append(".checkpoint.npz." in f.name)  # (a first data load also writes its cache)
+        if sum(calls) == 2 and calls[-1]:
+            f.write(b"PK half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_savez(f, **arrays)
+
+    monkeypatch.setattr(np, "savez", savez)
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--epochs", "3", "--out", str(out)]) == 1
+    one_line_error(capsys.readouterr().err, str(out / "checkpoint.npz"), "No space left on device")
+    state, _ = load_checkpoint(out / "checkpoint.npz")
+    assert state["epoch"] == 1 and sorted(p.name for p in out.iterdir()) == ["checkpoint.npz"]
+
+
+@pytest.mark.parametrize("make_it_fail", ["missing data", "memory", "diverges"])
+def test_a_failing_run_leaves_no_empty_folder_it_created(make_it_fail, tmp_path, capsys, monkeypatch):
+    """Catches the empty output folder (and its parents) left behind after an early failure; a folder that
+    existed before is kept."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    monkeypatch.setattr(chain, "free_memory", lambda xp: 2 * 2**30)
+    flags = {"missing data": ["--data-root", str(tmp_path / "no-data")],
+             "memory": ["--model", "conv", "--hessian", "exact"], "diverges": ["--lr", "10"]}[make_it_fail]
+    assert train.main([*TINY, *flags, "--out", str(tmp_path / "new" / "run")]) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    assert train.main([*TINY, *flags, "--out", str(existing)]) == 1
+    assert existing.is_dir() and list(existing.iterdir()) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig, code, said", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGINT, 130, "interrupted")])
+def test_sigterm_ends_like_ctrl_c(sig, code, said, tmp_path):
+    """Catches SIGTERM killing the run without a word (exit -15); both signals keep the checkpoint."""
+    out = tmp_path / "run"
+    env = {**os.environ, "MINILAE_DATA": data_root()}
+    proc = subprocess.Popen([sys.executable, "-m", "minilae.train", *TINY, "--epochs", "200", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint.npz").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert said in err and f"--out {out} --resume" in err and "Traceback" not in err
+    state, _ = load_checkpoint(out / "checkpoint.npz")
+    assert state["stage"] == "train" and 1 <= state["epoch"] < 200
+
+
+@pytest.mark.parametrize("method, hessian, what", [("online", "exact", "the online training step"),
+                                                   ("posthoc", "exact", "the post-hoc GGN pass"),
+                                                   ("posthoc", "sqrt", "the post-hoc GGN pass")])
+def test_a_hessian_pass_that_cannot_fit_is_refused_before_training(method, hessian, what, tmp_path, capsys,
+                                                                   monkeypatch):
+    """Catches the post-hoc pass refused only after a whole epoch of training (and at a hidden batch of 256)."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    monkeypatch.setattr(chain, "free_memory", lambda xp: 2 * 2**30)  # the budget: 80% of 2 GiB
+    out = tmp_path / "run"
+    assert train.main([*TINY, "--model", "conv", "--method", method, "--hessian", hessian, "--out", str(out)]) == 1
+    one_line_error(capsys.readouterr().err, what, f"--hessian {hessian}, batch 64", "refused before starting",
+                   "--batch-size")
+    assert not out.exists()
+
+
+def test_the_posthoc_pass_uses_posthoc_batch_size(tmp_path, monkeypatch):
+    """Catches the post-hoc GGN pass ignoring the flags (always batches of 256)."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    seen = []
+
+    def spy(model, x, **kw):
+        seen.append(kw["batch_size"])
+        return fit_posthoc(model, x, **kw)
+
+    monkeypatch.setattr(train, "fit_posthoc", spy)
+    assert train.main(["--method", "posthoc", *TINY, "--batch-size", "32", "--out", str(tmp_path / "a")]) == 0
+    assert train.main(["--method", "posthoc", *TINY, "--posthoc-batch-size", "16", "--out", str(tmp_path / "b")]) == 0
+    assert seen == [32, 16]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flags, changed", [
+    (["--hessian", "mixed", "--hessian-threshold", "256"], {"hessian": "mixed", "threshold": 256}),
+    (["--prior-precision", "5", "--fix-prior"], {"prior_precision": 5.0, "fix_prior": True}),
+])
+def test_a_finished_posthoc_run_gets_a_new_posterior(posthoc_run, flags, changed, tmp_path, capsys, monkeypatch):
+    """Catches a finished post-hoc run refused ('different run') when only its posterior's flags change, or
+    resumed without recomputing the posterior; the MAP network and its history stay as they were."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    run_dir = copy_run(posthoc_run, tmp_path)
+    before, _ = load_checkpoint(run_dir / "checkpoint.npz")
+    assert train.main(["--out", str(run_dir), "--resume", *flags]) == 0
+    after, stored = load_checkpoint(run_dir / "checkpoint.npz")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key, value in changed.items():
+        assert stored["args"][key] == value and metrics["config"][key] == value
+    assert metrics["posthoc"]["hessian"] == stored["args"]["hessian"]
+    np.testing.assert_array_equal(after["trainer"]["theta"], before["trainer"]["theta"])
+    assert after["history"] == before["history"]
+    if "hessian" in changed:
+        assert not np.array_equal(after["posterior"]["ggn"], before["posterior"]["ggn"])
+    else:
+        np.testing.assert_array_equal(after["posterior"]["ggn"], before["posterior"]["ggn"])
+        assert after["posterior"]["prior_precision"] == 5.0 != before["posterior"]["prior_precision"]
+
+
+@pytest.mark.slow
+def test_the_hessian_of_an_online_run_still_defines_it(finished_run, tmp_path, capsys):
+    """Catches the post-hoc exemption (the Hessian does not define the MAP network) applied to the online LAE,
+    whose training uses the Hessian."""
+    run_dir = copy_run(finished_run, tmp_path)
+    assert train.main(["--out", str(run_dir), "--resume", "--hessian", "exact"]) == 1
+    assert "--hessian: checkpoint 'approx', given 'exact'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["online", "posthoc"])
+def test_resume_epochs_trains_a_finished_run_on_as_one_longer_run(method, tmp_path, capsys, monkeypatch):
+    """Catches --resume --epochs N on a finished run silently re-evaluating it and recording N."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    common = ["--method", method, *TINY, "--seed", "3"]
+    assert train.main([*common, "--epochs", "3", "--out", str(tmp_path / "full")]) == 0
+    assert train.main([*common, "--epochs", "2", "--out", str(tmp_path / "cut")]) == 0
+    assert train.main(["--out", str(tmp_path / "cut"), "--resume", "--epochs", "3", "--quiet"]) == 0
+    a, _ = load_checkpoint(tmp_path / "full" / "checkpoint.npz")
+    b, _ = load_checkpoint(tmp_path / "cut" / "checkpoint.npz")
+    assert a["epoch"] == b["epoch"] == 3 and b["stage"] == "done"
+    assert [r["val_mse"] for r in a["history"]] == [r["val_mse"] for r in b["history"]]
+    np.testing.assert_array_equal(a["trainer"]["theta"], b["trainer"]["theta"])
+    if method == "online":
+        np.testing.assert_array_equal(a["trainer"]["H"], b["trainer"]["H"])
+    else:  # the posterior is recomputed at the new MAP
+        np.testing.assert_array_equal(a["posterior"]["ggn"], b["posterior"]["ggn"])
+
+
+@pytest.mark.slow
+def test_resume_epochs_that_cannot_be_reached_is_refused(tmp_path, capsys, monkeypatch):
+    """Catches --resume --epochs N silently accepted (and recorded) below the epochs trained or after early
+    stopping ended the run; the N already trained just evaluates again."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    run_dir = tmp_path / "run"
+    assert train.main([*TINY, "--epochs", "2", "--out", str(run_dir)]) == 0
+    ckpt = run_dir / "checkpoint.npz"
+    assert train.main(["--out", str(run_dir), "--resume", "--epochs", "2", "--quiet"]) == 0
+    before = ckpt.read_bytes()
+    assert train.main(["--out", str(run_dir), "--resume", "--epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 1: the run in" in err and "has already trained 2 epochs" in err
+    assert ckpt.read_bytes() == before
+    state, config = load_checkpoint(ckpt)
+    state["stopper"]["num_bad_epochs"] = state["stopper"]["patience"]  # as if early stopping had fired
+    save_checkpoint(ckpt, state, config)
+    before = ckpt.read_bytes()
+    assert train.main(["--out", str(run_dir), "--resume", "--epochs", "4"]) == 2
+    assert "stopped early after epoch 2" in capsys.readouterr().err
+    assert ckpt.read_bytes() == before
+
+
+@pytest.fixture
+def no_cupy(tmp_path):
+    """An environment in which `import cupy` fails, as on a machine without CuPy (on any machine)."""
+    shadow = tmp_path / "shadow" / "cupy"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('CuPy is hidden by the test')\n")
+    path = os.pathsep.join([str(tmp_path / "shadow"), os.environ.get("PYTHONPATH", "")])
+    env = {k: v for k, v in os.environ.items() if k != "MINILAE_BACKEND"}
+    return {**env, "PYTHONPATH": path, "MINILAE_DATA": data_root()}
+
+
+def cli(args, env):
+    return subprocess.run([sys.executable, "-m", "minilae.train", *args], capture_output=True, text=True, env=env,
+                          timeout=240)
+
+
+@pytest.mark.slow
+def test_a_gpu_run_resumed_on_a_cpu_machine_is_told_to_use_backend_numpy(finished_run, tmp_path, no_cupy):
+    """Catches the advice to set MINILAE_BACKEND, which a resumed run ignores (the checkpoint says cupy)."""
+    run_dir = copy_run(finished_run, tmp_path)
+    state, config = load_checkpoint(run_dir / "checkpoint.npz")
+    config["args"]["backend"] = "cupy"
+    save_checkpoint(run_dir / "checkpoint.npz", state, config)
+    refused = cli(["--out", str(run_dir), "--resume"], no_cupy)
+    assert refused.returncode == 1
+    one_line_error(refused.stderr, "cupy backend cannot be used", "CuPy is not installed", "--backend numpy")
+    assert "MINILAE_BACKEND" not in refused.stderr
+    done = cli(["--out", str(run_dir), "--resume", "--backend", "numpy", "--quiet"], no_cupy)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [["--help"], [*TINY, "--backend", "numpy"]])
+def test_minilae_backend_cupy_without_cupy_does_not_break_help_or_backend_numpy(args, tmp_path, no_cupy):
+    """Catches MINILAE_BACKEND=cupy breaking even --help at import time, and --backend numpy not overriding it.
+    (Needs backend.py not to raise at import time.)"""
+    result = cli([*args, "--out", str(tmp_path / "run")] if "--help" not in args else args,
+                 {**no_cupy, "MINILAE_BACKEND": "cupy"})
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout if "--help" in args else (tmp_path / "run" / "metrics.json").is_file()
+
+
+@pytest.mark.parametrize("method", ["ae", "online"])
+def test_an_exploding_loss_stops_with_the_divergence_error(method, tmp_path, capsys, monkeypatch):
+    """Catches --lr 10 ending with exit 0 and a validation MSE of ~1e6 marked [best]: only nan/inf counted."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    assert train.main(["--method", method, *TINY, "--lr", "10", "--out", str(tmp_path / "run")]) == 1
+    one_line_error(capsys.readouterr().err, "training diverged in epoch 1", "times the untrained model's",
+                   "smaller learning rate (--lr)")

@@ -217,6 +217,31 @@ def test_fit_records_the_per_pixel_validation_mse_of_the_mean_network(kind, rng)
     assert_close(np.array(recorded), np.array(hand), 1e-12, "recorded val_mse vs per-pixel hand computation")
 
 
+@pytest.mark.parametrize("kind", ["ae", "online"])
+def test_a_finished_run_continues_from_its_last_epoch_not_its_best(kind, rng, tmp_path):
+    """Catches continuing a finished run (fit(resume=done state)) from the restored best epoch's weights:
+    the result of fit holds the best epoch, so the last one must be kept beside it."""
+    x_train, x_val = data(rng, 40), data(rng, 10)
+    kw = dict(batch_size=8, seed=3, log=quiet, progress=False)
+
+    def trainer():
+        t = make_trainer(kind)
+        t.optimizer.lr = 0.3  # large enough that the last epoch is not the best one
+        return t
+
+    full = fit(trainer(), x_train, x_val, epochs=5, **kw)
+    first = fit(trainer(), x_train, x_val, epochs=4, **kw)
+    assert first["best"]["epoch"] < 4, "precondition: the 4-epoch run's best epoch is not its last"
+    save_checkpoint(tmp_path / "done.npz", first, {})
+    done, _ = load_checkpoint(tmp_path / "done.npz")
+    state = fit(trainer(), x_train, x_val, epochs=5, resume=done, **kw)
+    assert [r["val_mse"] for r in state["history"]] == [r["val_mse"] for r in full["history"]]
+    assert (state["last"] is None) == (full["last"] is None)
+    for key in ("trainer", "best", "last"):  # the result, the best snapshot, the epoch to continue from
+        if full[key] is not None:
+            np.testing.assert_array_equal(state[key]["theta"], full[key]["theta"])
+
+
 def test_result_is_the_best_validation_epoch(rng):
     x_train, x_val = data(rng, 40), data(rng, 10)
     trainer = make_trainer("online")
