@@ -29,9 +29,9 @@ omitted ones are taken from it. An interrupted run continues from its last finis
 finished run is evaluated again; with a larger ``--epochs N`` it trains on to epoch N, exactly as
 an uninterrupted N-epoch run, unless early stopping had ended it (then, like an ``--epochs`` below
 the epochs already trained, the command is refused). For ``--method posthoc`` the Hessian
-structure (``--hessian``, ``--hessian-threshold``) and ``--prior-precision`` / ``--fix-prior``
-do not define the MAP network: giving other values recomputes the posterior of the finished run
-into the same folder. Before the first step, the memory of every Hessian pass the run will make
+structure (``--hessian``, ``--hessian-threshold``) and ``--fix-prior`` do not define the MAP
+network: giving other values recomputes the posterior of the finished run into the same folder.
+(``--prior-precision`` does: the MAP is trained under the prior, weight decay lambda / N.) Before the first step, the memory of every Hessian pass the run will make
 (the online step at ``--batch-size``, the post-hoc pass at ``--posthoc-batch-size``, which a
 resumed run may change) is checked against the engine's budget, so an impossible run is refused
 before it trains.
@@ -100,7 +100,7 @@ RUN_KEYS = ("dataset", "model", "method", "hessian", "threshold", "latent_size",
             "lr_patience", "stop_patience")
 # ... except, for --method posthoc, the posterior's flags: they do not define the MAP network, and a finished
 # post-hoc run resumed with other values gets its posterior recomputed
-POSTHOC_KEYS = ("hessian", "threshold", "prior_precision", "fix_prior")
+POSTHOC_KEYS = ("hessian", "threshold", "fix_prior")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,8 +186,9 @@ def build_parser(suppress_defaults=False):
                         "GGN(all data) / alpha, a posterior tempered by alpha with a memory of ~1/alpha steps; "
                         "the paper sets alpha to the learning rate (1e-3); 1 = current batch only, untempered")
     g.add_argument("--prior-precision", type=_positive_float, default=d("prior_precision"),
-                   help="precision lambda of the prior N(0, 1/lambda); posthoc: the starting value of the "
-                        "marginal-likelihood optimisation")
+                   help="precision lambda of the prior N(0, 1/lambda); online and posthoc: the mean is trained under it "
+                        "(weight decay lambda/N); posthoc: also the starting value of the marginal-likelihood "
+                        "optimisation")
     g.add_argument("--fix-prior", action="store_true", default=d("fix_prior"),
                    help="posthoc: keep --prior-precision instead of optimising it")
     g.add_argument("--posthoc-batch-size", type=_positive_int, default=d("posthoc_batch_size"),

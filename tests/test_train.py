@@ -456,7 +456,7 @@ def test_the_posthoc_pass_uses_posthoc_batch_size(tmp_path, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("flags, changed", [
     (["--hessian", "mixed", "--hessian-threshold", "256"], {"hessian": "mixed", "threshold": 256}),
-    (["--prior-precision", "5", "--fix-prior"], {"prior_precision": 5.0, "fix_prior": True}),
+    (["--fix-prior"], {"fix_prior": True}),
 ])
 def test_a_finished_posthoc_run_gets_a_new_posterior(posthoc_run, flags, changed, tmp_path, capsys, monkeypatch):
     """Catches a finished post-hoc run refused ('different run') when only its posterior's flags change, or
@@ -476,7 +476,9 @@ def test_a_finished_posthoc_run_gets_a_new_posterior(posthoc_run, flags, changed
         assert not np.array_equal(after["posterior"]["ggn"], before["posterior"]["ggn"])
     else:
         np.testing.assert_array_equal(after["posterior"]["ggn"], before["posterior"]["ggn"])
-        assert after["posterior"]["prior_precision"] == 5.0 != before["posterior"]["prior_precision"]
+        # the fixed prior is the run's --prior-precision (1), not the evidence's optimum found before
+        assert after["posterior"]["prior_precision"] == stored["args"]["prior_precision"] \
+            != before["posterior"]["prior_precision"]
 
 
 @pytest.mark.slow
@@ -486,6 +488,15 @@ def test_the_hessian_of_an_online_run_still_defines_it(finished_run, tmp_path, c
     run_dir = copy_run(finished_run, tmp_path)
     assert train.main(["--out", str(run_dir), "--resume", "--hessian", "exact"]) == 1
     assert "--hessian: checkpoint 'approx', given 'exact'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_prior_precision_of_a_posthoc_run_defines_its_map_network(posthoc_run, tmp_path, capsys):
+    """Catches --prior-precision exempted like the posterior's flags, although the post-hoc MAP network is
+    trained under the prior (weight decay lambda / N), so another lambda would need another network."""
+    run_dir = copy_run(posthoc_run, tmp_path)
+    assert train.main(["--out", str(run_dir), "--resume", "--prior-precision", "5"]) == 1
+    assert "--prior-precision: checkpoint 1.0, given 5.0" in capsys.readouterr().err
 
 
 @pytest.mark.slow
