@@ -52,6 +52,9 @@ class Layer:
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
         if not bool(array_module(theta).isfinite(theta).all()):
             raise ValueError(f"{self!r}: parameter vector contains NaN or inf")
+        if array_module(theta) is not xp():
+            raise TypeError(f"{self!r}: theta lives on {array_module(theta).__name__} but the backend is "
+                            f"{xp().__name__}; move it with minilae.backend.asarray")
         start = 0
         for name in self.param_names:
             p = getattr(self, name)
@@ -172,6 +175,9 @@ def check_batch(layer, x, check_finite: bool = True):
         raise ValueError(f"{layer!r}: input needs a batch axis, shape (B, ...); got {tuple(x.shape)}")
     if x.dtype.kind != "f":
         raise TypeError(f"{layer!r}: input must be floating point, got {x.dtype}")
+    if array_module(x) is not xp():
+        raise TypeError(f"{layer!r}: input lives on {array_module(x).__name__} but the backend is {xp().__name__}; "
+                        "move it with minilae.backend.asarray")
     if check_finite and not bool(array_module(x).isfinite(x).all()):
         raise ValueError(f"{layer!r}: input contains NaN or inf; it would poison every gradient")
 
