@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minilae.backend import set_default_dtype
+from minilae.backend import asarray, set_default_dtype, xp
 from minilae.gradcheck import assert_close, numerical_gradient, numerical_jacobian
 from minilae.layers import Conv2d, Flatten, Linear, MaxPool2d, Reshape, Tanh, Upsample
 from minilae.losses import Gaussian
@@ -41,7 +41,7 @@ def test_mlp_autoencoder_architecture(input_shape, latent, hidden, rng):
         list(zip(sizes[::-1][:-1], sizes[::-1][1:]))
     assert isinstance(model[0], Flatten) and isinstance(model[-1], Reshape)  # raw outputs, no squashing
     assert sum(isinstance(layer, Tanh) for layer in model) == 2 * len(hidden)
-    x = rng.random((3,) + input_shape)
+    x = asarray(rng.random((3,) + input_shape))
     assert model(x).shape == x.shape
     assert model.encode(x).shape == (3, latent)
 
@@ -65,7 +65,7 @@ def test_conv_autoencoder_architecture(input_shape, channels, hidden, rng):
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in convs)
     shapes = model.shapes(input_shape)
     assert shapes[model.n_encoder] == (2,) and shapes[-1] == input_shape
-    x = rng.random((2,) + input_shape)
+    x = asarray(rng.random((2,) + input_shape))
     assert model(x).shape == x.shape
 
 
@@ -116,7 +116,7 @@ def test_flat_parameter_round_trip(rng):
     theta = model.get_params()
     theta[0] += 1.0  # get_params is a copy
     assert model.get_params()[0] != theta[0]
-    new = rng.standard_normal(model.num_params)
+    new = asarray(rng.standard_normal(model.num_params))
     model.set_params(new)
     assert_close(model.get_params(), new, 0.0, "set then get")
     assert_close(model[0].weight.ravel(), new[:model[0].weight.size], 0.0, "first conv weight")
@@ -128,7 +128,7 @@ def test_flat_parameter_round_trip(rng):
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_encode_decode_compose_to_the_model(kind, rng):
     model = build_model(kind, (1, 8, 8), 2, seed=0)
-    x = rng.random((3, 1, 8, 8))
+    x = asarray(rng.random((3, 1, 8, 8)))
     z = model.encode(x)
     assert z.shape == (3, 2)
     assert_close(model.decode(z), model(x), 0.0, "decode(encode(x))")
@@ -155,7 +155,7 @@ def small_model(request):
 def test_loss_gradient_matches_finite_differences(small_model, rng):
     """grad_theta sum_b nll(f(x_b; theta), y_b) = sum_b J_p^T grad_f nll, by backprop."""
     lik = Gaussian(sigma=0.7)
-    x = rng.random((3,) + small_model.input_shape)
+    x = asarray(rng.random((3,) + small_model.input_shape))
     f = small_model(x)
     grad = small_model.vjp_params(lik.grad(f, x))
     theta0 = small_model.get_params()
@@ -174,8 +174,8 @@ def test_input_gradient_matches_finite_differences(small_model, rng):
     """J_in^T v through the whole model against v^T (central-difference Jacobian). (Differencing the
     scalar nll instead would drown these small input gradients in the round-off of its constant.)"""
     lik = Gaussian()
-    x = rng.random((2,) + small_model.input_shape)
-    y = rng.random(x.shape)
+    x = asarray(rng.random((2,) + small_model.input_shape))
+    y = asarray(rng.random(x.shape))
     v = lik.grad(small_model(x), y)
     g = small_model.vjp_input(v)
     J = numerical_jacobian(lambda z: small_model(z), x.copy())  # (B d_out, B d_in)
@@ -184,7 +184,7 @@ def test_input_gradient_matches_finite_differences(small_model, rng):
 
 def test_per_sample_gradients_sum_to_the_batch_gradient(small_model, rng):
     lik = Gaussian()
-    x = rng.random((4,) + small_model.input_shape)
+    x = asarray(rng.random((4,) + small_model.input_shape))
     f = small_model(x)
     v = lik.grad(f, x)
     per_sample = small_model.vjp_params(v, per_sample=True)
@@ -198,7 +198,7 @@ def test_dense_model_jacobian_matches_finite_differences(rng):
     """The whole conv AE's parameter Jacobian by the chain rule, against differences, and its
     products with K vectors per sample."""
     model = SMALL_MODELS["conv"]()
-    x = rng.random((2,) + model.input_shape)
+    x = asarray(rng.random((2,) + model.input_shape))
     J = model.jac_params(x)
     theta0 = model.get_params()
 
@@ -210,8 +210,8 @@ def test_dense_model_jacobian_matches_finite_differences(rng):
     model.set_params(theta0)
     assert_close(J, expected, RTOL, "model J_p")
     model(x)
-    V = rng.standard_normal((2, 3) + model.input_shape)
-    assert_close(model.vjp_params(V, per_sample=True), np.einsum("bko,bop->bkp", V.reshape(2, 3, -1), J),
+    V = asarray(rng.standard_normal((2, 3) + model.input_shape))
+    assert_close(model.vjp_params(V, per_sample=True), xp().einsum("bko,bop->bkp", V.reshape(2, 3, -1), J),
                  1e-12, "J_p^T V")
 
 
@@ -226,18 +226,19 @@ def blob_images(n, size, rng):
 
 
 def train(model, x, steps, lr, batch, rng):
-    """Plain AE training: minimise sum_b nll(f(x_b), x_b) / B with Adam. Returns the mean squared
+    """Plain AE training on host images x: minimise sum_b nll(f(x_b), x_b) / B with Adam. Returns the mean squared
     reconstruction error of the whole set before and after."""
     lik = Gaussian()
     opt = Adam(lr=lr)
     theta = model.get_params()
+    x_all = asarray(x, dtype=theta.dtype)
 
     def mse():
-        return float(np.mean((model(x) - x) ** 2))
+        return float(((model(x_all) - x_all) ** 2).mean())
 
     before = mse()
     for _ in range(steps):
-        xb = x[rng.choice(len(x), batch, replace=False)]
+        xb = asarray(x[rng.choice(len(x), batch, replace=False)], dtype=theta.dtype)
         f = model(xb)
         grad = model.vjp_params(lik.grad(f, xb)) / batch
         opt.step(theta, grad)

@@ -13,6 +13,8 @@ import pytest
 from minilae import train
 from minilae.training import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.backends("numpy")  # the CLI picks its own backend; tests/test_guard.py runs it on the guard
+
 QUICK = ["--epochs", "2", "--limit-train", "256", "--limit-val", "64", "--samples", "4", "--quiet"]
 
 

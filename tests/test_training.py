@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minilae import training
+from minilae.backend import asarray, to_numpy
 from minilae.gradcheck import assert_close, numerical_gradient
 from minilae.losses import Gaussian
 from minilae.models import mlp_autoencoder
@@ -31,19 +32,19 @@ def quiet(*args, **kwargs):
 
 def test_map_step_is_adam_on_the_mean_nll(rng):
     model = tiny()
-    x = data(rng, 6)
+    x = asarray(data(rng, 6))
     theta0 = model.get_params()
 
     def mean_nll(th):
         model.set_params(th)
-        return np.array([Gaussian(1.0).nll(model.forward(x), x).mean()])
+        return Gaussian(1.0).nll(model.forward(x), x).mean().reshape(1)
 
     g = numerical_gradient(mean_nll, theta0.copy())
     model.set_params(theta0)
     trainer = MAPTrainer(model, Adam(lr=0.01))
     stats = trainer.step(x)
     assert_close(trainer.theta, theta0 - 0.01 * g / (np.abs(g) + 1e-8), 1e-6, "theta after one Adam step")
-    np.testing.assert_array_equal(model.get_params(), trainer.theta)
+    np.testing.assert_array_equal(to_numpy(model.get_params()), to_numpy(trainer.theta))
     assert stats["mse"] == pytest.approx(float(((tiny().forward(x) - x) ** 2).mean()), rel=1e-12)
 
 
@@ -78,9 +79,9 @@ def test_interrupted_and_resumed_run_ends_identically(kind, stop_after, rng, tmp
     resumed = make_trainer(kind, seed=1)  # a different init: everything must come from the checkpoint
     fit(resumed, x_train, x_val, checkpoint=tmp_path / "cut.npz", resume=state, **kw)
 
-    np.testing.assert_array_equal(resumed.theta, full.theta)
+    np.testing.assert_array_equal(to_numpy(resumed.theta), to_numpy(full.theta))
     if kind == "online":
-        np.testing.assert_array_equal(resumed.H, full.H)
+        np.testing.assert_array_equal(to_numpy(resumed.H), to_numpy(full.H))
     a, b = load_checkpoint(tmp_path / "full.npz")[0], load_checkpoint(tmp_path / "cut.npz")[0]
     assert [r["val_mse"] for r in a["history"]] == [r["val_mse"] for r in b["history"]]
 
@@ -109,7 +110,7 @@ def test_epoch_generators_depend_only_on_seed_and_epoch():
     a_host, a_dev = epoch_rngs(7, 3)
     b_host, b_dev = epoch_rngs(7, 3)
     np.testing.assert_array_equal(a_host.permutation(20), b_host.permutation(20))
-    np.testing.assert_array_equal(a_dev.standard_normal(5), b_dev.standard_normal(5))
+    np.testing.assert_array_equal(to_numpy(a_dev.standard_normal(5)), to_numpy(b_dev.standard_normal(5)))
     c_host, _ = epoch_rngs(7, 4)
     assert not np.array_equal(epoch_rngs(7, 3)[0].permutation(20), c_host.permutation(20))
 
@@ -197,3 +198,37 @@ def test_load_state_dict_refuses_another_parameter_count(rng):
     other = MAPTrainer(mlp_autoencoder(input_shape=IMAGE, latent_size=2, hidden=(6,)))
     with pytest.raises(CheckpointError, match="parameters"):
         other.load_state_dict(state)
+
+
+# ----------------------------------------------------------------------------------------------
+# device hygiene, checked on the guard backend
+
+@pytest.mark.backends("guard")
+@pytest.mark.parametrize("kind", ["ae", "online"])
+def test_a_training_step_moves_no_arrays_and_syncs_only_scalars(kind, rng):
+    """Bug caught: a host copy inside the training loop (to_numpy of an array, a float() per sample or per
+    parameter): a step moves no array either way, and its device syncs (logged scalars, finiteness checks)
+    do not grow with the batch."""
+    from minilae import _guard  # noqa: PLC0415
+    from minilae.backend import xp  # noqa: PLC0415
+    trainer, noise = make_trainer(kind), xp().random.default_rng(0)
+    counts = []
+    for B in (4, 16):
+        x = asarray(data(rng, B))
+        trainer.step(x, noise)  # the online trainer's first step also sets H_0
+        with _guard.watch() as seen:
+            trainer.step(x, noise)
+        counts.append(seen)
+    assert all(c["to_host"] == 0 and c["to_device"] == 0 for c in counts), counts
+    assert counts[0]["syncs"] == counts[1]["syncs"], counts
+
+
+@pytest.mark.backends("guard")
+def test_fit_never_holds_the_data_set_on_the_device(rng):
+    """Bug caught: the training set moved to the device at once (asarray(x_train)), which fails on a GPU
+    smaller than the data: the largest device array of a fit over 200 images is far below their size."""
+    from minilae import _guard  # noqa: PLC0415
+    x_train, x_val = data(rng, 200), data(rng, 50)
+    with _guard.watch() as seen:
+        fit(make_trainer("online"), x_train, x_val, epochs=1, batch_size=8, seed=0, log=quiet, progress=False)
+    assert seen["largest"] < x_train.size // 2, seen
