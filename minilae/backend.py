@@ -6,8 +6,11 @@ an existing array belongs to). Moving data between host and device happens only
 through :func:`asarray` (host -> backend) and :func:`to_numpy` (backend -> host),
 which callers invoke explicitly.
 
-The backend is chosen by :func:`set_backend`, or at import time by the
-environment variable ``MINILAE_BACKEND`` (``numpy`` or ``cupy``; default ``numpy``).
+The backend is chosen by :func:`set_backend`, or by the environment variable
+``MINILAE_BACKEND`` (``numpy`` or ``cupy``; default ``numpy``), which is read at import but
+loaded on first use: a missing CuPy raises its BackendError there (or at an explicit
+``set_backend``), never at ``import minilae``. ``guard`` is a testing backend (see
+:mod:`minilae._guard`): NumPy arrays that refuse implicit host conversions as CuPy does.
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import os
 import numpy
 
 BACKENDS = ("numpy", "cupy")
+TESTING_BACKENDS = ("guard",)
+"""Accepted by set_backend for tests and CI, not offered to users (see minilae._guard)."""
 
-_state = {"name": "numpy", "module": numpy, "dtype": numpy.float32}
+_state = {"name": "numpy", "module": numpy, "dtype": numpy.float32, "pending": None}
 
 _CUPY_HELP = (
     "the CuPy backend needs CuPy and a CUDA GPU. Install it with "
@@ -46,31 +51,51 @@ def _load_cupy():
     return cupy
 
 
+def _load_guard():
+    from . import _guard  # noqa: PLC0415 - only tests load it
+    return _guard.namespace
+
+
 def set_backend(name: str):
-    """Select the array backend by name ('numpy' or 'cupy') and return its module."""
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    """Select the array backend by name ('numpy' or 'cupy'; 'guard' for tests) and return its module."""
+    if not isinstance(name, str) or name.lower() not in BACKENDS + TESTING_BACKENDS:
+        raise BackendError(f"unknown backend {name!r}; choose one of {', '.join(BACKENDS)} "
+                           f"(or {', '.join(TESTING_BACKENDS)}, the testing backend)")
     name = name.lower()
-    module = numpy if name == "numpy" else _load_cupy()
-    _state.update(name=name, module=module)
+    module = {"numpy": lambda: numpy, "cupy": _load_cupy, "guard": _load_guard}[name]()
+    _state.update(name=name, module=module, pending=None)
     return module
+
+
+def _resolve_pending():
+    """Load the backend MINILAE_BACKEND named, on first use; it raises again on every use until it loads."""
+    if _state["pending"] is not None:
+        set_backend(_state["pending"])
 
 
 def get_backend() -> str:
     """Name of the current backend."""
+    _resolve_pending()
     return _state["name"]
 
 
 def xp():
-    """The array module of the current backend (numpy or cupy)."""
+    """The array module of the current backend (numpy, cupy, or the guard's namespace)."""
+    _resolve_pending()
     return _state["module"]
 
 
+def _is_guard(a):
+    return type(a).__module__ == "minilae._guard"
+
+
 def array_module(*arrays):
-    """The array module that the given arrays live in (cupy if any is a CuPy array)."""
+    """The array module that the given arrays live in (cupy or the guard if any array is theirs, else numpy)."""
     for a in arrays:
         if type(a).__module__.split(".")[0] == "cupy":
             return _state["module"] if _state["name"] == "cupy" else _load_cupy()
+        if _is_guard(a):
+            return _load_guard()
     return numpy
 
 
@@ -88,13 +113,16 @@ def get_default_dtype():
 
 
 def asarray(a, dtype=None):
-    """Host (or backend) array -> array on the current backend: an explicit transfer."""
+    """Host (or backend) array -> array on the current backend: an explicit transfer.
+
+    On a device it is a copy; on NumPy it may be the input itself, so copy before changing either.
+    """
     return xp().asarray(a, dtype=dtype)
 
 
 def to_numpy(a):
-    """Backend array -> NumPy array on the host: an explicit transfer."""
-    if type(a).__module__.split(".")[0] == "cupy":
+    """Backend array -> NumPy array on the host: an explicit transfer (on NumPy possibly the input itself)."""
+    if type(a).__module__.split(".")[0] == "cupy" or _is_guard(a):
         return a.get()
     return numpy.asarray(a)
 
@@ -108,5 +136,4 @@ def cupy_available() -> tuple[bool, str]:
     return True, ""
 
 
-if os.environ.get("MINILAE_BACKEND"):
-    set_backend(os.environ["MINILAE_BACKEND"])
+_state["pending"] = os.environ.get("MINILAE_BACKEND") or None

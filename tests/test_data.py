@@ -25,6 +25,8 @@ from conftest import require_data
 
 from minilae import data
 
+pytestmark = pytest.mark.backends("numpy")  # host-side file parsing: no arrays on a backend
+
 REPO = Path(__file__).resolve().parents[1]
 NAMES = ["mnist", "fashionmnist"]
 FILES = [fname for fname, _, _ in data.PARTS.values()]

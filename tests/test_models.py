@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minilae.backend import set_default_dtype
+from minilae.backend import asarray, set_default_dtype, xp
 from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient, numerical_jacobian
 from minilae.layers import Conv2d, Flatten, Linear, MaxPool2d, Reshape, Tanh, Upsample
 from minilae.losses import Gaussian
@@ -38,7 +38,7 @@ def test_mlp_autoencoder_architecture(input_shape, latent, hidden, rng):
         list(zip(sizes[::-1][:-1], sizes[::-1][1:]))
     assert isinstance(model[0], Flatten) and isinstance(model[-1], Reshape)  # raw outputs, no squashing
     assert sum(isinstance(layer, Tanh) for layer in model) == 2 * len(hidden)
-    x = rng.random((3,) + input_shape)
+    x = asarray(rng.random((3,) + input_shape))
     assert model(x).shape == x.shape
     assert model.encode(x).shape == (3, latent)
 
@@ -62,7 +62,7 @@ def test_conv_autoencoder_architecture(input_shape, channels, hidden, rng):
     assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.stride == (1, 1) for c in convs)
     shapes = model.shapes(input_shape)
     assert shapes[model.n_encoder] == (2,) and shapes[-1] == input_shape
-    x = rng.random((2,) + input_shape)
+    x = asarray(rng.random((2,) + input_shape))
     assert model(x).shape == x.shape
 
 
@@ -113,7 +113,7 @@ def test_flat_parameter_round_trip(rng):
     theta = model.get_params()
     theta[0] += 1.0  # get_params is a copy
     assert model.get_params()[0] != theta[0]
-    new = rng.standard_normal(model.num_params)
+    new = asarray(rng.standard_normal(model.num_params))
     model.set_params(new)
     assert_close(model.get_params(), new, 0.0, "set then get")
     assert_close(model[0].weight.ravel(), new[:model[0].weight.size], 0.0, "first conv weight")
@@ -125,7 +125,7 @@ def test_flat_parameter_round_trip(rng):
 @pytest.mark.parametrize("kind", ["mlp", "conv"])
 def test_encode_decode_compose_to_the_model(kind, rng):
     model = build_model(kind, (1, 8, 8), 2, seed=0)
-    x = rng.random((3, 1, 8, 8))
+    x = asarray(rng.random((3, 1, 8, 8)))
     z = model.encode(x)
     assert z.shape == (3, 2)
     assert_close(model.decode(z), model(x), 0.0, "decode(encode(x))")
@@ -152,7 +152,7 @@ def small_model(request):
 def test_loss_gradient_matches_finite_differences(small_model, rng):
     """grad_theta sum_b nll(f(x_b; theta), y_b) = sum_b J_p^T grad_f nll, by backprop."""
     lik = Gaussian(sigma=0.7)
-    x = rng.random((3,) + small_model.input_shape)
+    x = asarray(rng.random((3,) + small_model.input_shape))
     f = small_model(x)
     grad = small_model.vjp_params(lik.grad(f, x))
     theta0 = small_model.get_params()
@@ -172,19 +172,19 @@ def test_input_gradient_matches_finite_differences(small_model, rng):
     """J_in^T v through the whole model against v^T (central-difference Jacobian). (Differencing the
     scalar nll instead would drown these small input gradients in the round-off of its constant.)"""
     lik = Gaussian()
-    x = rng.random((2,) + small_model.input_shape)
-    y = rng.random(x.shape)
+    x = asarray(rng.random((2,) + small_model.input_shape))
+    y = asarray(rng.random(x.shape))
     v = lik.grad(small_model(x), y)
     g = small_model.vjp_input(v)
     J = numerical_jacobian(lambda z: small_model(z), x.copy())  # (B d_out, B d_in)
     # atol: 10x the round-off of J's entries (floor for outputs of size |f|), summed in quadrature by v^T J
-    atol = 10 * fd_roundoff(np.abs(small_model(x)).max()) * np.linalg.norm(v)
+    atol = 10 * fd_roundoff(np.abs(small_model(x)).max()) * float(xp().linalg.norm(v))
     assert_close(g, (v.reshape(-1) @ J).reshape(x.shape), RTOL, "gradient w.r.t. the input", atol=atol)
 
 
 def test_per_sample_gradients_sum_to_the_batch_gradient(small_model, rng):
     lik = Gaussian()
-    x = rng.random((4,) + small_model.input_shape)
+    x = asarray(rng.random((4,) + small_model.input_shape))
     f = small_model(x)
     v = lik.grad(f, x)
     per_sample = small_model.vjp_params(v, per_sample=True)
@@ -198,7 +198,7 @@ def test_dense_model_jacobian_matches_finite_differences(rng):
     """The whole conv AE's parameter Jacobian by the chain rule, against differences, and its
     products with K vectors per sample."""
     model = SMALL_MODELS["conv"]()
-    x = rng.random((2,) + model.input_shape)
+    x = asarray(rng.random((2,) + model.input_shape))
     J = model.jac_params(x)
     theta0 = model.get_params()
 
@@ -210,8 +210,8 @@ def test_dense_model_jacobian_matches_finite_differences(rng):
     model.set_params(theta0)
     assert_close(J, expected, RTOL, "model J_p", atol=10 * fd_roundoff(np.abs(model(x)).max()))  # 10x FD floor
     model(x)
-    V = rng.standard_normal((2, 3) + model.input_shape)
-    assert_close(model.vjp_params(V, per_sample=True), np.einsum("bko,bop->bkp", V.reshape(2, 3, -1), J),
+    V = asarray(rng.standard_normal((2, 3) + model.input_shape))
+    assert_close(model.vjp_params(V, per_sample=True), xp().einsum("bko,bop->bkp", V.reshape(2, 3, -1), J),
                  1e-12, "J_p^T V")
 
 
@@ -226,18 +226,19 @@ def blob_images(n, size, rng):
 
 
 def train(model, x, steps, lr, batch, rng):
-    """Plain AE training: minimise sum_b nll(f(x_b), x_b) / B with Adam. Returns the mean squared
+    """Plain AE training on host images x: minimise sum_b nll(f(x_b), x_b) / B with Adam. Returns the mean squared
     reconstruction error of the whole set before and after."""
     lik = Gaussian()
     opt = Adam(lr=lr)
     theta = model.get_params()
+    x_all = asarray(x, dtype=theta.dtype)
 
     def mse():
-        return float(np.mean((model(x) - x) ** 2))
+        return float(((model(x_all) - x_all) ** 2).mean())
 
     before = mse()
     for _ in range(steps):
-        xb = x[rng.choice(len(x), batch, replace=False)]
+        xb = asarray(x[rng.choice(len(x), batch, replace=False)], dtype=theta.dtype)
         f = model(xb)
         grad = model.vjp_params(lik.grad(f, xb)) / batch
         opt.step(theta, grad)
@@ -279,12 +280,12 @@ def test_products_after_encode_or_decode_refuse_until_the_next_forward(kind, run
     model.vjp_params mix the encoder caches of x2 with the decoder caches of x1 without an error."""
     model = SMALL_MODELS[kind]()
     image = (3,) + model.input_shape
-    x1, x2, v = rng.random(image), rng.random(image), rng.standard_normal(image)
+    x1, x2, v = asarray(rng.random(image)), asarray(rng.random(image)), asarray(rng.standard_normal(image))
     model(x1)
     if run_halves in ("encode", "encode_then_decode"):
         z = model.encode(x2)
     if run_halves in ("decode", "encode_then_decode"):
-        model.decode(z if run_halves == "encode_then_decode" else rng.standard_normal((3, model.latent_size)))
+        model.decode(z if run_halves == "encode_then_decode" else asarray(rng.standard_normal((3, model.latent_size))))
     for product in (lambda: model.vjp_params(v), lambda: model.vjp_input(v),
                     lambda: model.vjp_params(v, per_sample=True)):
         with pytest.raises(RuntimeError, match=r"Autoencoder\(\d+ layers\): the layers' caches no longer belong"):
@@ -295,7 +296,7 @@ def test_products_after_encode_or_decode_refuse_until_the_next_forward(kind, run
 
     def inner(th):
         model.set_params(th)
-        return np.array([(model(x2) * v).sum()])
+        return (model(x2) * v).sum().reshape(1)
 
     atol = 10 * fd_roundoff(np.abs(model(x2) * v).sum())  # 10x the differences' round-off floor
     assert_close(g, numerical_gradient(inner, theta.copy()), RTOL, "J_p^T v after the new forward", atol=atol)
@@ -307,7 +308,7 @@ def test_images_of_the_wrong_shape_are_refused_naming_the_expected_shape(kind, s
     """Catches an MLP AE accepting any image with as many pixels, (1, 64) or (1, 16, 4) for (1, 8, 8),
     and the mismatch surfacing later as 'y must have the same shape as f' (blamed on the target)."""
     model = conv_autoencoder((1, 8, 8), 2, (2, 3), (5,)) if kind == "conv" else mlp_autoencoder((1, 8, 8), 2, (5,))
-    x = rng.random((2,) + shape)
+    x = asarray(rng.random((2,) + shape))
     expected = r"Autoencoder takes images of shape \(B, 1, 8, 8\); got per-sample shape " + \
         r"\(" + r", ".join(map(str, shape)) + r",?\)"
     for run in (model, model.encode, model.forward):
@@ -318,12 +319,12 @@ def test_images_of_the_wrong_shape_are_refused_naming_the_expected_shape(kind, s
 def test_error_messages_name_the_model_in_one_line(rng):
     """Catches messages that started with the model's whole multi-line repr (one line per layer)."""
     model = mlp_autoencoder((1, 2, 3), 2, (4,), seed=0)
-    x = rng.random((2, 1, 2, 3))
+    x = asarray(rng.random((2, 1, 2, 3)))
     x[0, 0, 0, 0] = np.nan
     cases = [(lambda: model(x), ValueError, "input contains NaN"),
-             (lambda: model(np.zeros((2, 1, 2, 3), dtype=int)), TypeError, "floating point"),
-             (lambda: model(np.zeros(6)), ValueError, "batch axis"),
-             (lambda: model.vjp_params(np.zeros((2, 1, 2, 3))), RuntimeError, "call forward")]
+             (lambda: model(xp().zeros((2, 1, 2, 3), dtype=int)), TypeError, "floating point"),
+             (lambda: model(xp().zeros(6)), ValueError, "batch axis"),
+             (lambda: model.vjp_params(xp().zeros((2, 1, 2, 3))), RuntimeError, "call forward")]
     for run, error, what in cases:
         with pytest.raises(error, match=what) as info:
             run()

@@ -4,12 +4,14 @@ import math
 import numpy as np
 import pytest
 
+from minilae.backend import asarray, to_numpy, xp
 from minilae.optim import SGD, Adam, EarlyStopping, ReduceLROnPlateau
 
 N_PARAMS = 7
 
 
 def gradient_sequence(n_steps, seed=0):
+    """Host gradients; `run` moves each to the backend."""
     return list(np.random.default_rng(seed).standard_normal((n_steps, N_PARAMS)))
 
 
@@ -39,12 +41,18 @@ def reference_adam(theta, grads, lr, beta1, beta2, eps):
 
 
 def run(optimizer, theta, grads):
+    """Step the backend vector theta through the host gradients; the trajectory comes back on the host."""
     trajectory = []
     for g in grads:
-        out = optimizer.step(theta, g)
+        out = optimizer.step(theta, asarray(g))
         assert out is theta  # updated in place and returned
-        trajectory.append(theta.copy())
+        trajectory.append(to_numpy(theta).copy())  # to_numpy may alias on numpy
     return trajectory
+
+
+def host(state):
+    """A state dict with its arrays on the host, as a checkpoint writes it."""
+    return {k: to_numpy(v) if getattr(v, "ndim", 0) else v for k, v in state.items()}
 
 
 OPTIMISERS = [
@@ -64,7 +72,7 @@ def make(name, kw):
 def test_matches_reference_implementation(name, kw):
     theta0 = np.random.default_rng(1).standard_normal(N_PARAMS)
     grads = gradient_sequence(25)
-    ours = run(make(name, kw), theta0.copy(), grads)
+    ours = run(make(name, kw), asarray(theta0.copy()), grads)  # asarray may alias on numpy
     if name == "sgd":
         ref = reference_sgd(theta0, grads, kw["lr"], kw["momentum"])
     else:
@@ -86,24 +94,25 @@ def test_converges_on_quadratic(name, kw):
     Q, _ = np.linalg.qr(rng.standard_normal((N_PARAMS, N_PARAMS)))
     A = Q @ np.diag(np.linspace(1, 10, N_PARAMS)) @ Q.T
     theta_star = rng.standard_normal(N_PARAMS)
-    theta, opt = np.zeros(N_PARAMS), make(name, kw)
+    theta, opt = xp().zeros(N_PARAMS), make(name, kw)
+    A_dev, star_dev = asarray(A), asarray(theta_star)
     for _ in range(600):
-        opt.step(theta, A @ (theta - theta_star))
-    np.testing.assert_allclose(theta, theta_star, atol=1e-8)
+        opt.step(theta, A_dev @ (theta - star_dev))
+    np.testing.assert_allclose(to_numpy(theta), theta_star, atol=1e-8)
 
 
 @pytest.mark.parametrize("name,kw", OPTIMISERS, ids=OPT_IDS)
 @pytest.mark.parametrize("through_npz", [False, True], ids=["dict", "npz"])
 @pytest.mark.parametrize("split", [0, 6])
 def test_state_dict_resume_reproduces_trajectory(name, kw, through_npz, split, tmp_path):
-    theta = np.random.default_rng(3).standard_normal(N_PARAMS)
+    theta = asarray(np.random.default_rng(3).standard_normal(N_PARAMS))
     grads = gradient_sequence(12, seed=4)
     opt = make(name, kw)
     run(opt, theta, grads[:split])
     saved_theta, state = theta.copy(), opt.state_dict()
     uninterrupted = run(opt, theta, grads[split:])
     if through_npz:
-        np.savez(tmp_path / "ckpt.npz", **state)
+        np.savez(tmp_path / "ckpt.npz", **host(state))
         state = dict(np.load(tmp_path / "ckpt.npz", allow_pickle=True))
     # a fresh optimiser with different hyper-parameters must take all of them from the state dict
     resumed_opt = SGD(lr=9.0, momentum=0.5) if name == "sgd" else Adam(lr=9.0, betas=(0.5, 0.5), eps=1.0)
@@ -113,12 +122,12 @@ def test_state_dict_resume_reproduces_trajectory(name, kw, through_npz, split, t
 
 
 def test_state_dict_is_a_copy():
-    opt, theta = Adam(lr=0.1), np.zeros(N_PARAMS)
-    opt.step(theta, np.ones(N_PARAMS))
+    opt, theta = Adam(lr=0.1), xp().zeros(N_PARAMS)
+    opt.step(theta, xp().ones(N_PARAMS))
     state = opt.state_dict()
-    m_before = state["m"].copy()
-    opt.step(theta, np.ones(N_PARAMS))
-    np.testing.assert_array_equal(state["m"], m_before)
+    m_before = to_numpy(state["m"])
+    opt.step(theta, xp().ones(N_PARAMS))
+    np.testing.assert_array_equal(to_numpy(state["m"]), m_before)
     assert state["t"] == 1
 
 
@@ -131,12 +140,12 @@ def test_load_state_dict_of_other_type_raises():
 def test_lr_is_settable_and_used(name, kw):
     grads = gradient_sequence(3, seed=5)
     a, b = make(name, kw), make(name, kw)
-    theta_a, theta_b = np.zeros(N_PARAMS), np.zeros(N_PARAMS)
+    theta_a, theta_b = xp().zeros(N_PARAMS), xp().zeros(N_PARAMS)
     a.lr = b.lr = 0.5
     run(a, theta_a, grads)
     b2 = make(name, {**kw, "lr": 0.5})
     run(b2, theta_b, grads)
-    np.testing.assert_array_equal(theta_a, theta_b)
+    np.testing.assert_array_equal(to_numpy(theta_a), to_numpy(theta_b))
     for bad in (0.0, -1.0, math.nan, math.inf):
         with pytest.raises(ValueError, match=f"lr must be a finite number > 0, got {bad}"):
             a.lr = bad

@@ -20,6 +20,8 @@ from minilae.hessian import chain
 from minilae.posthoc import fit_posthoc
 from minilae.training import load_checkpoint, save_checkpoint
 
+pytestmark = pytest.mark.backends("numpy")  # the CLI picks its own backend; tests/test_guard.py runs it on the guard
+
 QUICK = ["--epochs", "2", "--limit-train", "256", "--limit-val", "64", "--samples", "4", "--quiet"]
 
 

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from minilae import training
+from minilae.backend import asarray, to_numpy
 from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient
 from minilae.losses import Gaussian
 from minilae.models import mlp_autoencoder
@@ -31,19 +32,19 @@ def quiet(*args, **kwargs):
 
 def test_map_step_is_adam_on_the_mean_nll(rng):
     model = tiny()
-    x = data(rng, 6)
+    x = asarray(data(rng, 6))
     theta0 = model.get_params()
 
     def mean_nll(th):
         model.set_params(th)
-        return np.array([Gaussian(1.0).nll(model.forward(x), x).mean()])
+        return Gaussian(1.0).nll(model.forward(x), x).mean().reshape(1)
 
     g = numerical_gradient(mean_nll, theta0.copy())
     model.set_params(theta0)
     trainer = MAPTrainer(model, Adam(lr=0.01))
     stats = trainer.step(x)
     assert_close(trainer.theta, theta0 - 0.01 * g / (np.abs(g) + 1e-8), 1e-6, "theta after one Adam step")
-    np.testing.assert_array_equal(model.get_params(), trainer.theta)
+    np.testing.assert_array_equal(to_numpy(model.get_params()), to_numpy(trainer.theta))
     assert stats["mse"] == pytest.approx(float(((tiny().forward(x) - x) ** 2).mean()), rel=1e-12)
 
 
@@ -53,20 +54,20 @@ def test_map_step_is_sgd_on_the_mean_nll(B, lr, rng):
     differences. Bug caught: the batch gradient summed instead of averaged (B times too large),
     which Adam's first step, ~ lr * sign(g), hides."""
     model = tiny()
-    x = data(rng, B)
+    x = asarray(data(rng, B))
     theta0 = model.get_params()
 
     def mean_nll(th):
         model.set_params(th)
-        return np.array([Gaussian(1.0).nll(model.forward(x), x).mean()])
+        return Gaussian(1.0).nll(model.forward(x), x).mean().reshape(1)
 
     g = numerical_gradient(mean_nll, theta0.copy())
-    atol = 10 * fd_roundoff(mean_nll(theta0)[0])  # 10x the differences' round-off floor
+    atol = 10 * fd_roundoff(float(mean_nll(theta0)[0]))  # 10x the differences' round-off floor
     model.set_params(theta0)
     trainer = MAPTrainer(model, SGD(lr=lr))
     trainer.step(x)
     assert_close((theta0 - trainer.theta) / lr, g, 1e-6, "SGD update / lr = mean-over-batch gradient", atol=atol)
-    np.testing.assert_array_equal(model.get_params(), trainer.theta)
+    np.testing.assert_array_equal(to_numpy(model.get_params()), to_numpy(trainer.theta))
 
 
 def make_trainer(kind, seed=0):
@@ -100,9 +101,9 @@ def test_interrupted_and_resumed_run_ends_identically(kind, stop_after, rng, tmp
     resumed = make_trainer(kind, seed=1)  # a different init: everything must come from the checkpoint
     fit(resumed, x_train, x_val, checkpoint=tmp_path / "cut.npz", resume=state, **kw)
 
-    np.testing.assert_array_equal(resumed.theta, full.theta)
+    np.testing.assert_array_equal(to_numpy(resumed.theta), to_numpy(full.theta))
     if kind == "online":
-        np.testing.assert_array_equal(resumed.H, full.H)
+        np.testing.assert_array_equal(to_numpy(resumed.H), to_numpy(full.H))
     a, b = load_checkpoint(tmp_path / "full.npz")[0], load_checkpoint(tmp_path / "cut.npz")[0]
     assert [r["val_mse"] for r in a["history"]] == [r["val_mse"] for r in b["history"]]
 
@@ -146,9 +147,9 @@ def test_resume_keeps_the_lr_schedule_and_the_early_stopping_state(kind, rng, tm
     assert [r["lr"] for r in state["history"]] == lrs
     assert [r["val_mse"] for r in state["history"]] == [r["val_mse"] for r in ref["history"]]
     assert (state["epoch"], state["best"]["epoch"]) == (stop, ref["best"]["epoch"])
-    np.testing.assert_array_equal(resumed.theta, full.theta)
+    np.testing.assert_array_equal(to_numpy(resumed.theta), to_numpy(full.theta))
     if kind == "online":
-        np.testing.assert_array_equal(resumed.H, full.H)
+        np.testing.assert_array_equal(to_numpy(resumed.H), to_numpy(full.H))
 
 
 def image_ids(xb, n):
@@ -195,8 +196,9 @@ def test_validation_mse_is_per_pixel(n, batch_size, rng):
     """reconstruction_mse = mean over images and pixels of (f - x)^2, whatever the batching.
     Bug caught: the sum divided by the number of images (a per-image MSE, 6x larger here)."""
     model = tiny()
-    x = data(rng, n)
-    hand = np.mean((model.forward(x) - x) ** 2)
+    x = data(rng, n)  # host images, as reconstruction_mse takes them; the hand computation on the device
+    x_dev = asarray(x)
+    hand = float(((model.forward(x_dev) - x_dev) ** 2).mean())
     assert reconstruction_mse(model, x, batch_size=batch_size) == pytest.approx(hand, rel=1e-12)
 
 
@@ -206,10 +208,11 @@ def test_fit_records_the_per_pixel_validation_mse_of_the_mean_network(kind, rng)
     x_train, x_val = data(rng, 16), data(rng, 7)
     trainer = make_trainer(kind)
     recorded, hand = [], []
+    x_val_dev = asarray(x_val)  # fit takes host images; the hand computation runs on the device
 
     def check(epoch, record):
         trainer.model.set_params(trainer.theta)
-        hand.append(float(np.mean((trainer.model.forward(x_val) - x_val) ** 2)))
+        hand.append(float(((trainer.model.forward(x_val_dev) - x_val_dev) ** 2).mean()))
         recorded.append(record["val_mse"])
 
     fit(trainer, x_train, x_val, epochs=3, batch_size=4, seed=0, log=quiet, progress=False, on_epoch_end=check)
@@ -239,7 +242,7 @@ def test_a_finished_run_continues_from_its_last_epoch_not_its_best(kind, rng, tm
     assert (state["last"] is None) == (full["last"] is None)
     for key in ("trainer", "best", "last"):  # the result, the best snapshot, the epoch to continue from
         if full[key] is not None:
-            np.testing.assert_array_equal(state[key]["theta"], full[key]["theta"])
+            np.testing.assert_array_equal(to_numpy(state[key]["theta"]), to_numpy(full[key]["theta"]))
 
 
 def test_result_is_the_best_validation_epoch(rng):
@@ -266,7 +269,7 @@ def test_epoch_generators_depend_only_on_seed_and_epoch():
     a_host, a_dev = epoch_rngs(7, 3)
     b_host, b_dev = epoch_rngs(7, 3)
     np.testing.assert_array_equal(a_host.permutation(20), b_host.permutation(20))
-    np.testing.assert_array_equal(a_dev.standard_normal(5), b_dev.standard_normal(5))
+    np.testing.assert_array_equal(to_numpy(a_dev.standard_normal(5)), to_numpy(b_dev.standard_normal(5)))
     c_host, _ = epoch_rngs(7, 4)
     assert not np.array_equal(epoch_rngs(7, 3)[0].permutation(20), c_host.permutation(20))
 
@@ -369,21 +372,21 @@ def test_map_sgd_step_with_the_prior_is_the_gradient_of_the_full_objective(prior
     """Catches a MAP trained without the prior (or with weight decay lambda instead of lambda / N) while
     post-hoc Laplace and its evidence assume the mode of mean_b nll_b + lambda / (2N) ||theta||^2."""
     model = tiny()
-    x, lr = data(rng, 6), 0.1
+    x, lr = asarray(data(rng, 6)), 0.1
     theta0 = model.get_params()
 
     def objective(th):
         model.set_params(th)
-        return np.array([Gaussian(1.0).nll(model.forward(x), x).mean() + prior_precision / (2 * n_data) * th @ th])
+        return (Gaussian(1.0).nll(model.forward(x), x).mean() + prior_precision / (2 * n_data) * th @ th).reshape(1)
 
     g = numerical_gradient(objective, theta0.copy())
     model.set_params(theta0)
     trainer = MAPTrainer(model, SGD(lr=lr), prior_precision=prior_precision, n_data=n_data)
-    atol = 10 * fd_roundoff(objective(theta0)[0])  # 10x the differences' round-off floor
+    atol = 10 * fd_roundoff(float(objective(theta0)[0]))  # 10x the differences' round-off floor
     assert_close(trainer.loss_and_grad(x)[2], g, 1e-6, "gradient of the objective with the prior", atol=atol)
     trainer.step(x)
     assert_close(trainer.theta, theta0 - lr * g, 1e-8, "theta after one SGD step with the prior", atol=lr * atol)
-    np.testing.assert_array_equal(model.get_params(), trainer.theta)
+    np.testing.assert_array_equal(to_numpy(model.get_params()), to_numpy(trainer.theta))
 
 
 def test_map_prior_needs_n_data_and_travels_with_the_state(rng):
@@ -392,7 +395,7 @@ def test_map_prior_needs_n_data_and_travels_with_the_state(rng):
         MAPTrainer(tiny(), prior_precision=2.0)
     with pytest.raises(ValueError, match="prior_precision must be a finite number > 0"):
         MAPTrainer(tiny(), prior_precision=-1.0, n_data=4)
-    x = data(rng, 4)
+    x = asarray(data(rng, 4))
     a = MAPTrainer(tiny(), SGD(lr=0.1), prior_precision=2.0, n_data=4)
     a.step(x)
     b = MAPTrainer(tiny(seed=5), SGD(lr=0.1))  # no prior: everything must come from the state
@@ -400,8 +403,41 @@ def test_map_prior_needs_n_data_and_travels_with_the_state(rng):
     assert (b.prior_precision, b.n_data) == (2.0, 4)
     a.step(x)
     b.step(x)
-    np.testing.assert_array_equal(a.theta, b.theta)
+    np.testing.assert_array_equal(to_numpy(a.theta), to_numpy(b.theta))
     old = {k: v for k, v in a.state_dict().items() if k not in ("prior_precision", "n_data")}
     c = MAPTrainer(tiny(), SGD(lr=0.1), prior_precision=2.0, n_data=4)
     c.load_state_dict(old)  # a checkpoint from before the prior keeps the constructor's prior
     assert (c.prior_precision, c.n_data) == (2.0, 4)
+
+
+# device hygiene, checked on the guard backend
+
+@pytest.mark.backends("guard")
+@pytest.mark.parametrize("kind", ["ae", "online"])
+def test_a_training_step_moves_no_arrays_and_syncs_only_scalars(kind, rng):
+    """Bug caught: a host copy inside the training loop (to_numpy of an array, a float() per sample or per
+    parameter): a step moves no array either way, and its device syncs (logged scalars, finiteness checks)
+    do not grow with the batch."""
+    from minilae import _guard  # noqa: PLC0415
+    from minilae.backend import xp  # noqa: PLC0415
+    trainer, noise = make_trainer(kind), xp().random.default_rng(0)
+    counts = []
+    for B in (4, 16):
+        x = asarray(data(rng, B))
+        trainer.step(x, noise)  # the online trainer's first step also sets H_0
+        with _guard.watch() as seen:
+            trainer.step(x, noise)
+        counts.append(seen)
+    assert all(c["to_host"] == 0 and c["to_device"] == 0 for c in counts), counts
+    assert counts[0]["syncs"] == counts[1]["syncs"], counts
+
+
+@pytest.mark.backends("guard")
+def test_fit_never_holds_the_data_set_on_the_device(rng):
+    """Bug caught: the training set moved to the device at once (asarray(x_train)), which fails on a GPU
+    smaller than the data: the largest device array of a fit over 200 images is far below their size."""
+    from minilae import _guard  # noqa: PLC0415
+    x_train, x_val = data(rng, 200), data(rng, 50)
+    with _guard.watch() as seen:
+        fit(make_trainer("online"), x_train, x_val, epochs=1, batch_size=8, seed=0, log=quiet, progress=False)
+    assert seen["largest"] < x_train.size // 2, seen

@@ -1,4 +1,4 @@
-"""Every tutorial notebook runs top to bottom (its own assert cells are the checks)."""
+"""Every tutorial notebook runs top to bottom on numpy and on the guard backend (its assert cells are the checks)."""
 from __future__ import annotations
 
 import os
@@ -18,12 +18,14 @@ def test_tutorials_exist():
 
 
 @pytest.mark.slow
+@pytest.mark.backends("numpy", "guard")  # tutorial 02 measures memory with tracemalloc, which sees host memory only
 @pytest.mark.parametrize("path", TUTORIALS, ids=[p.stem for p in TUTORIALS])
-def test_tutorial_runs(path, monkeypatch):
+def test_tutorial_runs(path, array_backend, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     if any("load_dataset" in c.source for c in nb.cells if c.cell_type == "code"):
         require_data()  # a notebook that reads MNIST/FashionMNIST: the real-data rule (before CI is set below)
     monkeypatch.setenv("CI", os.environ.get("CI", "true"))  # tutorials shrink their sizes under CI
+    monkeypatch.setenv("MINILAE_BACKEND", array_backend)  # the kernel computes on the test's backend
     monkeypatch.setenv("MPLBACKEND", "Agg")
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(path.parent)}})

@@ -120,9 +120,15 @@ def concat_parts(parts, per_sample: bool, batch: int, dtype, xp):
 # ---- memory budget ----------------------------------------------------------------------------
 
 def free_memory(xp) -> int:
-    """Bytes free now: device memory for CuPy, MemAvailable (or free pages) of the host for NumPy."""
-    if xp.__name__.split(".")[0] == "cupy":
-        return int(xp.cuda.runtime.memGetInfo()[0])
+    """Bytes free now: on a device, its free memory plus what CuPy's pool holds unused; else the host's."""
+    if hasattr(xp, "cuda"):  # CuPy, or the guard's emulated device
+        # freed arrays stay in CuPy's memory pool, which memGetInfo counts as used
+        return int(xp.cuda.runtime.memGetInfo()[0]) + int(xp.get_default_memory_pool().free_bytes())
+    return host_free_memory()
+
+
+def host_free_memory() -> int:
+    """MemAvailable (or the free pages) of the host, in bytes."""
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:

@@ -60,6 +60,9 @@ class Layer:
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
         if not bool(array_module(theta).isfinite(theta).all()):
             raise ValueError(f"{label(self)}: parameter vector contains NaN or inf")
+        if array_module(theta) is not xp():
+            raise TypeError(f"{label(self)}: theta lives on {array_module(theta).__name__} but the backend is "
+                            f"{xp().__name__}; move it with minilae.backend.asarray")
         start = 0
         for name in self.param_names:
             p = getattr(self, name)
@@ -206,6 +209,9 @@ def check_batch(layer, x, check_finite: bool = True):
         raise ValueError(f"{label(layer)}: input needs a batch axis, shape (B, ...); got {tuple(x.shape)}")
     if x.dtype.kind != "f":
         raise TypeError(f"{label(layer)}: input must be floating point, got {x.dtype}")
+    if array_module(x) is not xp():
+        raise TypeError(f"{label(layer)}: input lives on {array_module(x).__name__} but the backend is {xp().__name__}; "
+                        "move it with minilae.backend.asarray")
     if check_finite and not bool(array_module(x).isfinite(x).all()):
         raise ValueError(f"{label(layer)}: input contains NaN or inf; it would poison every gradient")
 
