@@ -10,7 +10,6 @@ import gzip
 import hashlib
 import importlib.util
 import io
-import os
 import shutil
 import stat
 import sys
