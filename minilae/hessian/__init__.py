@@ -9,21 +9,62 @@ summed over the batch (or per sample), aligned with `model.get_params()`. Struct
   * `ggn_diagonal(method='mixed')`     full M where a feature size <= threshold, diagonal elsewhere;
   * `ggn_diagonal(method='sqrt')`      exact, through M = S S^T where the factor is smaller;
   * `estimate_cost`                    per-layer memory and FLOPs before running.
+
+How M passes through one layer is that layer's own rule (`Layer.backprop_full`, `backprop_diag`, ...,
+in minilae/layers/); this package holds the algorithms: the walks, the mixed switch, the square-root
+factor, the memory checks and the cost estimates.
 """
 from __future__ import annotations
 
 from ..backend import array_module
 from ..losses import get_likelihood
-from .approx import approx_diagonal, param_diag_from_diag, propagate_diag
+from .approx import approx_diagonal
 from .chain import MemoryBudgetError, check_memory, feature_shapes, forward_once, leaf_layers, resolve_budget, size
 from .cost import DEFAULT_THRESHOLD, METHODS, CostTable, LayerCost, estimate_cost, plan_forms
-from .exact import exact_blocks, exact_diagonal, param_block, param_diag_from_full, propagate_full
-from .mixed import diag_of_propagated, full_from_diag, mixed_diagonal
+from .exact import exact_blocks, exact_diagonal
+from .mixed import mixed_diagonal
 from .sqrt import sqrt_diagonal
 
 __all__ = ["ggn_diagonal", "ggn_blocks", "estimate_cost", "CostTable", "LayerCost", "MemoryBudgetError",
            "METHODS", "DEFAULT_THRESHOLD", "propagate_full", "propagate_diag", "diag_of_propagated", "full_from_diag",
            "param_diag_from_full", "param_diag_from_diag", "param_block"]
+
+
+# ---- one layer's step, as functions (the rules themselves are the layer's methods) ------------------
+
+def propagate_full(layer, M):
+    """M_in = J_in^T M J_in (`layer.backprop_full`)."""
+    return layer.backprop_full(M)
+
+
+def propagate_diag(layer, m):
+    """m_in = (J_in * J_in)^T m (`layer.backprop_diag`)."""
+    return layer.backprop_diag(m)
+
+
+def diag_of_propagated(layer, M):
+    """m_in = diag(J_in^T M J_in) (`layer.diag_of_backprop`)."""
+    return layer.diag_of_backprop(M)
+
+
+def full_from_diag(layer, m):
+    """M_in = J_in^T diag(m) J_in (`layer.backprop_from_diag`)."""
+    return layer.backprop_from_diag(m)
+
+
+def param_diag_from_full(layer, M, per_sample=False):
+    """diag(J_p^T M J_p) (`layer.param_diag`)."""
+    return layer.param_diag(M, per_sample)
+
+
+def param_diag_from_diag(layer, m, per_sample=False):
+    """(J_p * J_p)^T m (`layer.param_diag_from_diag`)."""
+    return layer.param_diag_from_diag(m, per_sample)
+
+
+def param_block(layer, M, per_sample=False):
+    """J_p^T M J_p (`layer.param_block`)."""
+    return layer.param_block(M, per_sample)
 
 
 def _prepare(model, likelihood, x, f):

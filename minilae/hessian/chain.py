@@ -4,6 +4,8 @@ M is the Hessian of the loss w.r.t. one layer's output, per sample. It is held i
   * full  (B, d, d)       in flattened-feature coordinates (d = number of features of the layer output);
   * diag  (B, *shape)     only its diagonal, shaped like the features, so that a layer's own
                            `vjp_input` can act on it directly.
+How M passes through a layer in each form is the layer's own rule (minilae.layers.Layer); this module
+holds what the walks share: the chain, the input check, the memory budget.
 """
 from __future__ import annotations
 
@@ -12,9 +14,7 @@ import os
 
 from ..backend import array_module
 from ..layers import Layer, Sequential
-
-CHUNK_BYTES = 64 * 2**20
-"""Largest temporary a chunked product may allocate (the M itself is budgeted separately)."""
+from ..layers.base import CHUNK_BYTES  # noqa: F401 - the engine's chunk size, shared with the layers' products
 
 BUDGET_FRACTION = 0.8
 """Share of the free memory the default budget allows, leaving room for the rest of the program."""
@@ -47,7 +47,7 @@ def forward_once(model, x, f=None):
         raise ValueError("f is not the output of the model's last forward at its current parameters (a layer "
                          "ran another forward, or set_params was called, since f was computed): run "
                          "f = model(x) again just before, or pass f=None to recompute")
-    seen = model._x
+    seen = model.last_input
     if seen is not x and (tuple(seen.shape) != tuple(x.shape) or not bool((seen == x).all())):
         raise ValueError(f"f came from a forward on another input than x (shape {tuple(seen.shape)} vs "
                          f"{tuple(x.shape)}, or other values): pass the x of f = model(x), or f=None")
@@ -65,49 +65,6 @@ def feature_shapes(layers, in_shape) -> list:
 def size(shape) -> int:
     """d = number of features of a per-sample shape."""
     return int(math.prod(shape))
-
-
-# ---- the two forms of M -----------------------------------------------------------------------
-
-def diag_of(M, shape):
-    """diag(M) for M (B, d, d), returned shaped (B, *shape)."""
-    xp = array_module(M)
-    return xp.diagonal(M, axis1=1, axis2=2).reshape((M.shape[0],) + tuple(shape))
-
-
-def diag_matrix(m):
-    """diag(m) as a full (B, d, d) matrix, for m of shape (B, *shape)."""
-    xp = array_module(m)
-    flat = m.reshape(m.shape[0], -1)
-    B, d = flat.shape
-    M = xp.zeros((B, d, d), dtype=m.dtype)
-    idx = xp.arange(d)
-    M[:, idx, idx] = flat
-    return M
-
-
-def rows_as_features(M, shape):
-    """View the K rows of M (B, K, d) as K feature-shaped vectors (B, K, *shape) for a layer's vjp."""
-    return M.reshape(M.shape[:2] + tuple(shape))
-
-
-def vjp_rows(layer, V, workspace_per_row: int):
-    """J_in^T v for each of the K vectors in V (B, K, *out), in chunks of K so temporaries stay small.
-
-    `workspace_per_row` is the number of elements one vector's product allocates (for Conv2d the
-    im2col matrix, k_h k_w times the input); chunking bounds it by CHUNK_BYTES.
-    """
-    xp = array_module(V)
-    B, K = V.shape[:2]
-    step = max(1, int(CHUNK_BYTES // max(1, B * workspace_per_row * V.dtype.itemsize)))
-    if step >= K or workspace_per_row <= size(V.shape[2:]):  # no temporary larger than V itself: one call
-        return layer.vjp_input(V)
-    first = layer.vjp_input(V[:, :step])
-    out = xp.empty((B, K) + first.shape[2:], dtype=first.dtype)
-    out[:, :step] = first
-    for k in range(step, K, step):  # a loop over memory-sized chunks, not over elements
-        out[:, k:k + step] = layer.vjp_input(V[:, k:k + step])
-    return out
 
 
 def concat_parts(parts, per_sample: bool, batch: int, dtype, xp):

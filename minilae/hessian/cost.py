@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backend import get_default_dtype, xp
-from ..layers import Conv2d, Dropout, Elementwise, Linear, MaxPool2d, Reshape, Upsample
 from .chain import CHUNK_BYTES, feature_shapes, format_bytes, leaf_layers, size
 
 METHODS = ("approx", "exact", "mixed", "sqrt", "block")
@@ -80,26 +79,11 @@ def check_threshold(threshold):
 # ---- geometry of one layer --------------------------------------------------------------------
 
 def geometry(layer, in_shape, out_shape):
-    """Sizes the cost formulas need; vjp_flops / vjp_work are per vector pushed through J_in^T."""
-    d_in, d_out = size(in_shape), size(out_shape)
-    g = dict(d_in=d_in, d_out=d_out, P=layer.num_params, kind="pointwise", vjp_flops=d_in, vjp_work=d_in)
-    if isinstance(layer, Linear):
-        g.update(kind="linear", vjp_flops=2 * d_in * d_out)
-    elif isinstance(layer, Conv2d):
-        kh, kw = layer.kernel_size
-        sh, sw = layer.stride
-        L, Co, C = size(out_shape[1:]), layer.out_channels, layer.in_channels
-        CK = C * kh * kw
-        shifts = (2 * ((kh - 1) // sh) + 1) * (2 * ((kw - 1) // sw) + 1)
-        g.update(kind="conv", L=L, Co=Co, C=C, CK=CK, kk=kh * kw, shifts=shifts,
-                 vjp_flops=2 * L * Co * CK + L * CK, vjp_work=L * CK)
-    elif isinstance(layer, Upsample):
-        g.update(kind="upsample", vjp_flops=d_out, vjp_work=d_out)
-    elif isinstance(layer, (Elementwise, Dropout, Reshape, MaxPool2d)):
-        pass
-    else:
-        raise TypeError(f"no Hessian rules for {type(layer).__name__}; supported: Linear, Conv2d, Tanh, ReLU, "
-                        "Sigmoid, MaxPool2d, Upsample, Flatten, Reshape, Dropout (and Sequential of them)")
+    """Sizes the cost formulas need: the layer's `cost_geometry` (its kind, and vjp_flops / vjp_work per
+    vector pushed through J_in^T), with d_in, d_out, P and the structure flags of its J_in."""
+    g = dict(d_in=size(in_shape), d_out=size(out_shape), P=layer.num_params, one_input_per_output=
+             layer.one_input_per_output, one_output_per_input=layer.one_output_per_input)
+    g.update(layer.cost_geometry(tuple(in_shape), tuple(out_shape)))
     return g
 
 
@@ -127,7 +111,7 @@ class LayerCost:
     order: str
 
 
-def _param_cost(g, form, k, B, block):
+def _param_cost(g, form, k, B, block, itemsize):
     """(flops, temporaries, order) of reading layer parameters' diagonal / block off M."""
     P, d_out = g["P"], g["d_out"]
     if P == 0:
@@ -137,6 +121,15 @@ def _param_cost(g, form, k, B, block):
     if g["kind"] == "linear":  # only diag(M) enters a Linear layer's parameter diagonal
         extra = B * (k or 1) * d_out if form == "sqrt" else 0
         return 2.0 * B * P + extra, B * P, "B P"
+    if g["kind"] == "conv_transpose" and form == "diag":  # x^2 against im2col(m): a weight gradient
+        L, Co, CK = g["L"], g["Co"], g["CK"]
+        return 2.0 * B * L * Co * CK + B * L * CK, B * L * CK + B * Co * CK + B * Co * L, "B L C_in C_out k^2"
+    if g["kind"] != "conv":  # Layer's defaults: the dense J_p from d_out products, or k products for sqrt
+        if form == "sqrt":
+            chunk = min(B * k * P, CHUNK_BYTES // itemsize) + B * k * g["vjp_work"]
+            return 2.0 * B * k * P * d_out, chunk + B * P, "B k d_out P"
+        flops = 2.0 * B * d_out * P * (d_out if form == "full" else 1)
+        return flops, 2 * B * d_out * P + B * P, "B d_out^2 P" if form == "full" else "B d_out P"
     L, Co, CK = g["L"], g["Co"], g["CK"]
     if form == "diag":
         return 2.0 * B * L * Co * CK + B * L * CK, B * L * CK + B * Co * CK, "B L C_out C_in k^2"
@@ -158,6 +151,8 @@ def _propagation_cost(g, form_out, k_out, form_in, k_in, B, itemsize):
         temp = 0 if kind == "linear" else min(B * d_out * g["vjp_work"], chunk)  # vjp_rows chunks
         return B * (d_out + d_in) * vf, 2 * B * d_out * d_in + temp, _sandwich_order(kind)
     if form_out == "full" and form_in == "diag":
+        if kind not in ("linear", "conv", "upsample") and not g["one_output_per_input"]:
+            return _rows_cost(g, B, d_in * d_out), 2 * B * d_out * d_in, "B d_out^2 d_in"
         if kind == "linear":
             return B * d_out * vf, B * d_out * d_in, "B d_out^2 d_in"
         if kind == "conv":
@@ -168,6 +163,8 @@ def _propagation_cost(g, form_out, k_out, form_in, k_in, B, itemsize):
             return B * (d_out + d_in) * vf, 2 * B * d_out * d_in + B * d_in * d_in, "B d_out d_in"
         return float(B * d_out), B * d_in, "B d"
     if form_out == "diag" and form_in == "full":
+        if kind not in ("linear", "conv") and not g["one_input_per_output"]:
+            return _rows_cost(g, B, d_in * d_in), 2 * B * d_out * d_in + B * d_in * d_in, "B d_out d_in^2"
         if kind == "linear":
             return B * d_in * vf, B * d_in * d_out, "B d_out d_in^2"
         if kind == "conv":
@@ -186,6 +183,12 @@ def _propagation_cost(g, form_out, k_out, form_in, k_in, B, itemsize):
     raise ValueError(f"no rule from form {form_out!r} to {form_in!r}")
 
 
+def _rows_cost(g, B, per_row):
+    """FLOPs of the default mixed steps: the d_out rows of J_in from d_out products, then one product
+    with M or m costing 2 per_row multiply-adds per row."""
+    return B * g["d_out"] * (g["vjp_flops"] + 2.0 * per_row)
+
+
 def _sandwich_order(kind):
     return {"linear": "B d_out d_in (d_out + d_in)", "conv": "B (d_out + d_in) L C_out C_in k^2",
             "upsample": "B d_out (d_out + d_in)"}.get(kind, "B d_out d_in (d_out + d_in)")
@@ -196,7 +199,7 @@ def step_cost(layer, in_shape, out_shape, batch, form_out, form_in, itemsize, in
     g = geometry(layer, in_shape, out_shape)
     (fo, ko) = form_out
     m_out = _m_elements(fo, ko, g["d_out"], batch)
-    flops, work, order = _param_cost(g, fo, ko, batch, block)
+    flops, work, order = _param_cost(g, fo, ko, batch, block, itemsize)
     m_in, name_in = 0, "-"
     if form_in is not None:
         fi, ki = form_in

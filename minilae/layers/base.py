@@ -12,6 +12,16 @@ Hessian engine can push the K columns of a per-sample matrix M through in one ca
 Parameters are read and written as one flat vector: the layer's arrays in `param_names` order,
 each raveled in C order (Linear: weight (out, in) row by row, then bias).
 
+How curvature passes through the layer (Algorithm 1, appendix E.4) is told here too, next to the
+Jacobians: `backprop_full` (M_in = J_in^T M J_in), `backprop_diag` (m_in = (J_in * J_in)^T m for the
+diagonal m = diag(M)), the two mixed steps `diag_of_backprop` and `backprop_from_diag`, and the parameter
+parts `param_block`, `param_diag`, `param_diag_from_diag`, `param_diag_from_sqrt`. A full M is
+(B, d_out, d_out) in flat feature coordinates, a diagonal m is shaped like the output (B, *out_shape),
+a square-root factor V (M = V^T V) is (B, k, *out_shape). The base class derives every exact rule from
+`vjp_input` / `vjp_params` (the columns of M pushed as an extra batch axis); `backprop_diag` has no
+general form, so a layer gives it, or declares the structure that implies it (`unit_jacobian`), or the
+engine says which method to implement (`MissingRuleError`). `cost_geometry` feeds `estimate_cost`.
+
 Which state the caches belong to: every `forward` and every `set_params` gives the layer a new
 *stamp* (a counter value, no copying or hashing of arrays), and a forward records its output with the
 stamps of the layers it ran (`last_output_is`). A cache written by another forward of a shared layer
@@ -22,13 +32,32 @@ from __future__ import annotations
 import itertools
 import math
 
-from ..backend import array_module, get_default_dtype, xp
+from .. import backend
+from ..backend import array_module, get_default_dtype
+
+CHUNK_BYTES = 64 * 2**20
+"""Largest temporary a chunked product may allocate (the M itself is budgeted separately)."""
+
+
+class MissingRuleError(NotImplementedError, TypeError):
+    """A layer lacks a rule a computation needs; the message names the method to implement."""
+
+
+def missing_rule(layer, method: str, equation: str) -> MissingRuleError:
+    """The error for a layer without `method`: names the class, the method and its equation."""
+    name = type(layer).__name__
+    return MissingRuleError(f"{name} has no rule {equation}: define {name}.{method} (see minilae.layers.Layer), "
+                            f"or use a Hessian method that does not need it")
 
 
 class Layer:
     """Base class: y = f(x; theta), with dense and structured Jacobians."""
 
     param_names: tuple[str, ...] = ()
+    # Structure of J_in that gives curvature rules for free (each False unless the layer declares it):
+    unit_jacobian = False  # every entry of J_in is 0 or 1, so J_in * J_in = J_in
+    one_input_per_output = False  # a row of J_in has one non-zero: J_in^T diag(m) J_in is diagonal
+    one_output_per_input = False  # a column of J_in has one non-zero: diag(J_in^T M J_in) needs only diag(M)
     _stamp = 0  # new value at every forward and set_params (see the module docstring)
     _trace = None  # (output, leaf stamps) recorded by the last forward
 
@@ -50,8 +79,8 @@ class Layer:
     def get_params(self):
         """theta as one flat vector (a copy)."""
         if not self.param_names:
-            return xp().zeros(0, dtype=get_default_dtype())
-        return xp().concatenate([p.ravel() for p in self.params])
+            return backend.xp().zeros(0, dtype=get_default_dtype())
+        return backend.xp().concatenate([p.ravel() for p in self.params])
 
     def set_params(self, theta):
         """Write the flat vector theta into the parameter arrays (copies)."""
@@ -60,9 +89,9 @@ class Layer:
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
         if not bool(array_module(theta).isfinite(theta).all()):
             raise ValueError(f"{label(self)}: parameter vector contains NaN or inf")
-        if array_module(theta) is not xp():
+        if array_module(theta) is not backend.xp():
             raise TypeError(f"{label(self)}: theta lives on {array_module(theta).__name__} but the backend is "
-                            f"{xp().__name__}; move it with minilae.backend.asarray")
+                            f"{backend.xp().__name__}; move it with minilae.backend.asarray")
         start = 0
         for name in self.param_names:
             p = getattr(self, name)
@@ -121,6 +150,11 @@ class Layer:
     def _forward(self, x):
         raise NotImplementedError(f"{type(self).__name__} does not define _forward(x): subclass Layer and implement it")
 
+    @property
+    def last_input(self):
+        """x of the last forward (None before any): the point every product and rule is taken at."""
+        return self._x
+
     def _cached_input(self):
         if self._x is None:
             raise RuntimeError(f"{label(self)}: call forward(x) before a vector-Jacobian product")
@@ -150,16 +184,122 @@ class Layer:
         return self.out_shape(tuple(self._x.shape[1:]))
 
     def _vjp_input(self, v):
-        raise NotImplementedError
+        raise missing_rule(self, "_vjp_input(v)", "for J_in^T v (v of shape (B, K, *out) -> (B, K, *in))")
 
     def _vjp_params(self, v):
         """Per-sample J_p^T v for v of shape (B, K, *out) -> (B, K, P)."""
         B, K = v.shape[:2]
-        return xp().zeros((B, K, 0), dtype=v.dtype)
+        return backend.xp().zeros((B, K, 0), dtype=v.dtype)
 
     def _vjp_params_sum(self, v):
         """sum_b J_p(x_b)^T v_b for v of shape (B, *out) -> (P,)."""
         return self._vjp_params(v[:, None]).sum(axis=(0, 1))
+
+    def vjp_input_chunked(self, V):
+        """J_in^T v for each of the K vectors in V (B, K, *out), in chunks of K so that the product's
+        temporaries (`cost_geometry`'s vjp_work elements per vector) stay under CHUNK_BYTES."""
+        B, K = V.shape[:2]
+        work = self.cost_geometry(*self._shapes())["vjp_work"]
+        step = max(1, int(CHUNK_BYTES // max(1, B * work * V.dtype.itemsize)))
+        if step >= K or work <= prod(V.shape[2:]):  # no temporary larger than V itself: one call
+            return self.vjp_input(V)
+        first = self.vjp_input(V[:, :step])
+        out = array_module(V).empty((B, K) + first.shape[2:], dtype=first.dtype)
+        out[:, :step] = first
+        for k in range(step, K, step):  # a loop over memory-sized chunks, not over elements
+            out[:, k:k + step] = self.vjp_input(V[:, k:k + step])
+        return out
+
+    def _shapes(self):
+        """(in_shape, out_shape) per sample at the last forward."""
+        in_shape = tuple(self._cached_input().shape[1:])
+        return in_shape, tuple(self.out_shape(in_shape))
+
+    def input_rows(self, dtype):
+        """The rows of J_in per sample, R (B, d_out, d_in), as J_in^T applied to the d_out unit vectors."""
+        out_shape = self._shapes()[1]
+        return self.vjp_input_chunked(unit_vectors(self._x.shape[0], out_shape, dtype)).reshape(
+            self._x.shape[0], prod(out_shape), -1)
+
+    def param_rows(self, dtype):
+        """J_p per sample (B, d_out, P), as J_p^T applied to the d_out unit vectors."""
+        out_shape = self._shapes()[1]
+        return self.vjp_params(unit_vectors(self._x.shape[0], out_shape, dtype), per_sample=True)
+
+    # ---- curvature rules: M, the loss Hessian w.r.t. the output, passed to the input ---------
+    def backprop_full(self, M):
+        """M_in = J_in^T M J_in: (B, d_out, d_out) -> (B, d_in, d_in). J_in^T on M's rows gives M J_in,
+        then on the columns of M J_in gives J_in^T M J_in (symmetric)."""
+        B, d_out = M.shape[:2]
+        in_shape, out_shape = self._shapes()
+        A = self.vjp_input_chunked(M.reshape((B, d_out) + out_shape)).reshape(B, d_out, -1)  # M J_in
+        A_t = A.transpose(0, 2, 1).reshape((B, A.shape[2]) + out_shape)  # the columns of M J_in
+        del A
+        return self.vjp_input_chunked(A_t).reshape(B, prod(in_shape), prod(in_shape))
+
+    def backprop_diag(self, m):
+        """m_in = (J_in * J_in)^T m = diag(J_in^T diag(m) J_in): (B, *out) -> (B, *in).
+
+        No general form from the products; with `unit_jacobian` (entries 0/1) it is J_in^T m itself."""
+        if self.unit_jacobian:
+            return self.vjp_input(m)
+        raise missing_rule(self, "backprop_diag(m)", "for the diagonal M (m_in = (J_in * J_in)^T m) that 'approx' "
+                                                     "and 'mixed' need")
+
+    def diag_of_backprop(self, M):
+        """m_in = diag(J_in^T M J_in) for full M (B, d_out, d_out) -> (B, *in), without the d_in x d_in matrix:
+        sum_o R[o, i] (M R)[o, i] with R = J_in (or (J_in * J_in)^T diag(M) with `one_output_per_input`)."""
+        in_shape, out_shape = self._shapes()
+        if self.one_output_per_input:
+            return self.backprop_diag(diag_of(M, out_shape))
+        R = self.input_rows(M.dtype)
+        return ((M @ R) * R).sum(axis=1).reshape((M.shape[0],) + in_shape)
+
+    def backprop_from_diag(self, m):
+        """M_in = J_in^T diag(m) J_in for m (B, *out) -> (B, d_in, d_in): R^T (m * R) with R = J_in
+        (diagonal, diag((J_in * J_in)^T m), with `one_input_per_output`)."""
+        if self.one_input_per_output:
+            return diag_matrix(self.backprop_diag(m))
+        R = self.input_rows(m.dtype)
+        return R.transpose(0, 2, 1) @ (m.reshape(m.shape[0], -1, 1) * R)
+
+    # ---- curvature rules: the parameters' part, read off M --------------------------------------
+    def param_block(self, M, per_sample=False):
+        """H_theta = J_p^T M J_p: summed over the batch (P, P) or per sample (B, P, P)."""
+        B, d_out = M.shape[:2]
+        J = self.param_rows(M.dtype)  # (B, d_out, P)
+        MJ = M @ J
+        if per_sample:
+            return J.transpose(0, 2, 1) @ MJ
+        P = J.shape[2]
+        return J.reshape(B * d_out, P).T @ MJ.reshape(B * d_out, P)  # one product sums over the batch
+
+    def param_diag(self, M, per_sample=False):
+        """diag(J_p^T M J_p) for full M: sum_o J_p[o, p] (M J_p)[o, p], (P,) or (B, P)."""
+        J = self.param_rows(M.dtype)
+        out = ((M @ J) * J).sum(axis=1)
+        return out if per_sample else out.sum(axis=0)
+
+    def param_diag_from_diag(self, m, per_sample=False):
+        """diag(J_p^T diag(m) J_p) = (J_p * J_p)^T m for m (B, *out): (P,) or (B, P)."""
+        J = self.param_rows(m.dtype)
+        out = (m.reshape(m.shape[0], 1, -1) @ (J * J))[:, 0]
+        return out if per_sample else out.sum(axis=0)
+
+    def param_diag_from_sqrt(self, V, per_sample=False):
+        """diag(J_p^T V^T V J_p) = sum_k (J_p^T v_k)^2 for V (B, k, *out), in chunks of k: (P,) or (B, P)."""
+        B, K = V.shape[:2]
+        step = max(1, int(CHUNK_BYTES // max(1, B * self.num_params * V.dtype.itemsize)))
+        out = array_module(V).zeros((B, self.num_params), dtype=V.dtype)
+        for k in range(0, K, step):  # chunks of columns bound the (B, k, P) temporary
+            out += (self.vjp_params(V[:, k:k + step], per_sample=True) ** 2).sum(axis=1)
+        return out if per_sample else out.sum(axis=0)
+
+    def cost_geometry(self, in_shape, out_shape) -> dict:
+        """What `estimate_cost` needs: the cost kind and, per vector pushed through J_in^T, its FLOPs and
+        temporary elements. Default 'generic': a dense d_out x d_in product, the rules above."""
+        d_in, d_out = prod(in_shape), prod(out_shape)
+        return dict(kind="generic", vjp_flops=2 * d_in * d_out, vjp_work=d_in)
 
     # ---- dense Jacobians (small sizes: tests and tutorials) ----------------------------------
     def jac_input(self, x):
@@ -209,25 +349,42 @@ def check_batch(layer, x, check_finite: bool = True):
         raise ValueError(f"{label(layer)}: input needs a batch axis, shape (B, ...); got {tuple(x.shape)}")
     if x.dtype.kind != "f":
         raise TypeError(f"{label(layer)}: input must be floating point, got {x.dtype}")
-    if array_module(x) is not xp():
-        raise TypeError(f"{label(layer)}: input lives on {array_module(x).__name__} but the backend is {xp().__name__}; "
+    if array_module(x) is not backend.xp():
+        raise TypeError(f"{label(layer)}: input lives on {array_module(x).__name__} but the backend is {backend.xp().__name__}; "
                         "move it with minilae.backend.asarray")
     if check_finite and not bool(array_module(x).isfinite(x).all()):
         raise ValueError(f"{label(layer)}: input contains NaN or inf; it would poison every gradient")
 
 
+def unit_vectors(batch: int, shape: tuple, dtype):
+    """The d unit vectors of a feature shape, per sample: (B, d, *shape), a broadcast view of I_d."""
+    d = prod(shape)
+    eye = backend.xp().eye(d, dtype=dtype).reshape((d,) + tuple(shape))
+    return backend.xp().broadcast_to(eye, (batch,) + eye.shape)
+
+
+def diag_of(M, shape):
+    """diag(M) for M (B, d, d), returned shaped (B, *shape)."""
+    return array_module(M).diagonal(M, axis1=1, axis2=2).reshape((M.shape[0],) + tuple(shape))
+
+
+def diag_matrix(m):
+    """diag(m) as a full (B, d, d) matrix, for m of shape (B, *shape)."""
+    return diag_jacobian(m.reshape(m.shape[0], -1))
+
+
 def identity_jacobian(x, d: int):
     """I_d broadcast to (B, d, d): the Jacobian of a reshape."""
-    m = array_module(x)
-    return m.broadcast_to(m.eye(d, dtype=x.dtype), (x.shape[0], d, d)).copy()
+    xp = array_module(x)
+    return xp.broadcast_to(xp.eye(d, dtype=x.dtype), (x.shape[0], d, d)).copy()
 
 
 def diag_jacobian(diag):
     """diag(d_b) for a batch of vectors (B, d) -> (B, d, d)."""
-    m = array_module(diag)
+    xp = array_module(diag)
     B, d = diag.shape
-    J = m.zeros((B, d, d), dtype=diag.dtype)
-    idx = m.arange(d)
+    J = xp.zeros((B, d, d), dtype=diag.dtype)
+    idx = xp.arange(d)
     J[:, idx, idx] = diag
     return J
 
@@ -236,4 +393,4 @@ def init_uniform(shape, fan_in: int, rng):
     """U(-1/sqrt(fan_in), 1/sqrt(fan_in)) as PyTorch initialises Linear and Conv2d."""
     bound = 1.0 / math.sqrt(fan_in)
     dtype = get_default_dtype()
-    return xp().asarray(rng.uniform(-bound, bound, size=shape), dtype=dtype)
+    return backend.xp().asarray(rng.uniform(-bound, bound, size=shape), dtype=dtype)

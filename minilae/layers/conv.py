@@ -6,20 +6,26 @@ y = cols W^T + b. The same matrix gives both Jacobians (appendix E of the paper)
 J_p is `cols` itself (block-diagonal over output channels) and J_in^T scatters back ("col2im").
 At stride 1 the same J_in^T v is also a plain convolution of v with the flipped kernel; the layer
 takes that route when it moves less memory (fewer output than input channels).
+
+The curvature rules follow from the same two matrices: J_in * J_in is the convolution with the squared
+kernel W * W, and J_p * J_p holds the squared im2col matrix, so the diagonal rules are the layer's own
+products run with squared arrays; the exact rules for a full M read only the bands of M that one
+kernel window couples. Names: (u, t) is a kernel offset, v a vector, m = diag(M), xp the array module.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from ..backend import array_module
-from .base import Layer, init_uniform, prod
+from .base import CHUNK_BYTES, Layer, init_uniform, prod
 
 
-def _pair(v, name):
-    v = (v, v) if np.isscalar(v) else tuple(v)
-    if len(v) != 2 or any(int(a) != a for a in v):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {v}")
-    return int(v[0]), int(v[1])
+def _pair(value, name):
+    """An int or a pair of ints as a pair (rows, columns)."""
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or any(int(a) != a for a in pair):
+        raise ValueError(f"{name} must be an int or a pair of ints, got {pair}")
+    return int(pair[0]), int(pair[1])
 
 
 def _pad(x, ph, pw):
@@ -30,12 +36,12 @@ def _pad(x, ph, pw):
 
 
 def _im2col_T(x_pad, kernel, stride, out_hw):
-    """colsT[b, (c, u, v), (h, w)] = x_pad[b, c, h*s + u, w*s + v]: (B, C*kh*kw, Ho*Wo), one copy."""
-    m = array_module(x_pad)
+    """colsT[b, (c, u, t), (h, w)] = x_pad[b, c, h*s + u, w*s + t]: (B, C*kh*kw, Ho*Wo), one copy."""
+    xp = array_module(x_pad)
     B, C = x_pad.shape[:2]
     (kh, kw), (sh, sw), (Ho, Wo) = kernel, stride, out_hw
     sB, sC, sH, sW = x_pad.strides
-    windows = m.lib.stride_tricks.as_strided(
+    windows = xp.lib.stride_tricks.as_strided(
         x_pad, shape=(B, C, kh, kw, Ho, Wo), strides=(sB, sC, sH, sW, sH * sh, sW * sw))
     return windows.reshape(B, C * kh * kw, Ho * Wo)
 
@@ -86,22 +92,22 @@ class Conv2d(Layer):
         return _im2col_T(_pad(x, *self.padding), self.kernel_size, self.stride, (Ho, Wo))
 
     def im2col(self, x):
-        """cols[b, l, (c, u, v)] = x_pad[b, c, h*s + u, w*s + v] with l = (h, w): (B, L, C*kh*kw)."""
+        """cols[b, l, (c, u, t)] = x_pad[b, c, h*s + u, w*s + t] with l = (h, w): (B, L, C*kh*kw)."""
         return self._im2col_T(x).transpose(0, 2, 1)
 
     def _col2im_T(self, dcolsT, in_shape):
         """Adjoint of _im2col_T: scatter-add (..., C*kh*kw, L) back onto (..., C, H, W)."""
-        m = array_module(dcolsT)
+        xp = array_module(dcolsT)
         lead = dcolsT.shape[:-2]
         C, H, W = in_shape
         _, Ho, Wo = self.out_shape(tuple(in_shape))
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         d = dcolsT.reshape(lead + (C, kh, kw, Ho, Wo))
-        out = m.zeros(lead + (C, H + 2 * ph, W + 2 * pw), dtype=dcolsT.dtype)
+        out = xp.zeros(lead + (C, H + 2 * ph, W + 2 * pw), dtype=dcolsT.dtype)
         # one strided add per kernel offset (kh*kw of them), never per pixel
         for u in range(kh):
-            for v in range(kw):
-                out[..., u:u + sh * (Ho - 1) + 1:sh, v:v + sw * (Wo - 1) + 1:sw] += d[..., u, v, :, :]
+            for t in range(kw):
+                out[..., u:u + sh * (Ho - 1) + 1:sh, t:t + sw * (Wo - 1) + 1:sw] += d[..., u, t, :, :]
         if ph == pw == 0:
             return out
         return out[..., ph:ph + H, pw:pw + W]
@@ -123,10 +129,14 @@ class Conv2d(Layer):
 
     def _vjp_input(self, v):
         """J_in^T v: col2im(W^T v) - a transposed convolution."""
+        return self._transposed(v, self.weight)
+
+    def _transposed(self, v, kernel):
+        """T(kernel)^T v for v (B, K, C_out, Ho, Wo): the transposed convolution with any kernel of W's shape."""
         if self._transpose_is_a_convolution():
-            return self._vjp_input_as_convolution(v)
+            return self._vjp_input_as_convolution(v, kernel)
         B, K, C_out = v.shape[:3]
-        dcolsT = self.weight.reshape(C_out, -1).T @ v.reshape(B, K, C_out, -1)  # (B, K, C*kh*kw, L)
+        dcolsT = kernel.reshape(C_out, -1).T @ v.reshape(B, K, C_out, -1)  # (B, K, C*kh*kw, L)
         return self._col2im_T(dcolsT, tuple(self._x.shape[1:]))
 
     def _transpose_is_a_convolution(self):
@@ -140,56 +150,168 @@ class Conv2d(Layer):
         _, Ho, Wo = self.out_shape(tuple(self._x.shape[1:]))
         return self.out_channels * H * W < self.in_channels * Ho * Wo
 
-    def _vjp_input_as_convolution(self, v):
+    def _vjp_input_as_convolution(self, v, kernel=None):
         """Stride 1: J_in^T v = v zero-padded by k - 1 - p, correlated with the kernel flipped in
         space and with input and output channels swapped: g[c, i, j] = sum_{o,u,t} W[o, c, u, t] v[o, i+p-u, j+p-t]."""
+        kernel = self.weight if kernel is None else kernel
         B, K, C_out, Ho, Wo = v.shape
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
         C, H, W = self._x.shape[1:]
         v_pad = _pad(v.reshape(B * K, C_out, Ho, Wo), kh - 1 - ph, kw - 1 - pw)
         colsT = _im2col_T(v_pad, (kh, kw), (1, 1), (H, W))  # (B K, C_out*kh*kw, H*W)
-        W_flip = self.weight[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, -1)  # (C, C_out*kh*kw)
+        W_flip = kernel[:, :, ::-1, ::-1].transpose(1, 0, 2, 3).reshape(C, -1)  # (C, C_out*kh*kw)
         return (W_flip @ colsT).reshape(B, K, C, H, W)
 
-    def _vjp_params(self, v):
-        """Per sample: dW[o, :] = sum_l v[o, l] cols[l, :], db[o] = sum_l v[o, l]."""
-        m = array_module(v)
+    def _vjp_params(self, v, cols=None):
+        """Per sample: dW[o, :] = sum_l v[o, l] cols[l, :], db[o] = sum_l v[o, l] (cols: the im2col matrix)."""
+        xp = array_module(v)
         B, K, C_out = v.shape[:3]
         vl = v.reshape(B, K, C_out, -1)
         # the K vectors stacked into one (K*C_out, L) matrix: one product per sample, no broadcast copy
-        gW = v.reshape(B, K * C_out, -1) @ self._cols  # (B, K*C_out, C*kh*kw)
+        gW = v.reshape(B, K * C_out, -1) @ (self._cols if cols is None else cols)  # (B, K*C_out, C*kh*kw)
         parts = [gW.reshape(B, K, -1)]
         if "bias" in self.param_names:
             parts.append(vl.sum(axis=3))
-        return m.concatenate(parts, axis=2)
+        return xp.concatenate(parts, axis=2)
 
-    def _vjp_params_sum(self, v):
+    def _vjp_params_sum(self, v, cols=None):
         """sum_b of the above: one product per sample, then the (small) results summed."""
-        m = array_module(v)
+        xp = array_module(v)
         B, C_out = v.shape[:2]
         vl = v.reshape(B, C_out, -1)
-        gW = (vl @ self._cols).sum(axis=0)  # (C_out, C*kh*kw)
+        gW = (vl @ (self._cols if cols is None else cols)).sum(axis=0)  # (C_out, C*kh*kw)
         parts = [gW.ravel()]
         if "bias" in self.param_names:
             parts.append(vl.sum(axis=(0, 2)))
-        return m.concatenate(parts)
+        return xp.concatenate(parts)
+
+    # ---- curvature rules ----------------------------------------------------------------------
+    def backprop_diag(self, m):
+        """m_in = (T * T)^T m: the transposed convolution of m with the squared kernel W * W
+        (J_in is the convolution matrix T with entries W[o, c, u, t], so T * T convolves with W * W)."""
+        return self._transposed(m[:, None], self.weight ** 2)[:, 0]
+
+    def param_diag_from_diag(self, m, per_sample=False):
+        """W[o, (c,u,t)]: sum_l m[o, l] cols[l, (c,u,t)]^2;  b[o]: sum_l m[o, l] (J_p * J_p holds cols^2)."""
+        cols2 = self._cols ** 2
+        return self._vjp_params(m[:, None], cols2)[:, 0] if per_sample else self._vjp_params_sum(m, cols2)
+
+    def param_diag(self, M, per_sample=False):
+        """W[o, k]: sum_{l, l'} cols[l, k] M[(o,l), (o,l')] cols[l', k];  b[o]: sum_{l, l'} M[(o,l), (o,l')].
+
+        Only the C_out diagonal (L x L) blocks of M between positions of the same output channel enter.
+        """
+        xp = array_module(M)
+        B, C_out, cols = M.shape[0], self.out_channels, self._cols  # cols (B, L, C k_h k_w)
+        L = cols.shape[1]
+        M_oo = xp.diagonal(M.reshape(B, C_out, L, C_out, L), axis1=1, axis2=3)  # (B, L, L, C_out)
+        M_oo = xp.moveaxis(M_oo, 3, 1)  # (B, C_out, L, L)
+        MC = M_oo @ cols[:, None]  # (B, C_out, L, C k_h k_w)
+        parts = [(cols[:, None] * MC).sum(axis=2).reshape(B, -1)]
+        if "bias" in self.param_names:
+            parts.append(M_oo.sum(axis=(2, 3)))
+        out = xp.concatenate(parts, axis=-1)
+        return out if per_sample else out.sum(axis=0)
+
+    def param_diag_from_sqrt(self, V, per_sample=False):
+        """W[o, k']: sum_k (sum_l V[k, o, l] cols[l, k'])^2;  b[o]: sum_k (sum_l V[k, o, l])^2.
+
+        One (K C_out x L) @ (L x C k_h k_w) product per sample and chunk of columns k.
+        """
+        xp = array_module(V)
+        B, K, C_out = V.shape[:3]
+        cols = self._cols  # (B, L, C k_h k_w)
+        L, CK = cols.shape[1:]
+        step = max(1, int(CHUNK_BYTES // max(1, B * C_out * (CK + L) * V.dtype.itemsize)))
+        gW = xp.zeros((B, C_out, CK), dtype=V.dtype)
+        gb = xp.zeros((B, C_out), dtype=V.dtype)
+        for k in range(0, K, step):  # chunks of columns bound the (B, k, C_out, C k_h k_w) temporary
+            Vk = V[:, k:k + step].reshape(B, -1, L)  # (B, k C_out, L)
+            gW += ((Vk @ cols).reshape(B, -1, C_out, CK) ** 2).sum(axis=1)
+            gb += (Vk.sum(axis=2).reshape(B, -1, C_out) ** 2).sum(axis=1)
+        parts = [gW.reshape(B, -1)] + ([gb] if "bias" in self.param_names else [])
+        out = xp.concatenate(parts, axis=1)
+        return out if per_sample else out.sum(axis=0)
+
+    def diag_of_backprop(self, M):
+        """diag(T^T M T) from the bands of M that one input pixel sees.
+
+        Input pixel (c, R) is read by output (o, h) through kernel offset u when R = h s + u. Two outputs
+        (o, h) and (o', h') read it through offsets u and u' = u - s (h' - h), so only the bands
+        M[(o, h), (o', h + dh)] with |dh| <= (k - 1) / s enter. For each shift (dh, dw):
+            E[l, (c,u,t)] = sum_o W[o,c,u,t] sum_o' band[o, o', l] W[o', c, u - s dh, t - s dw],
+        and the sum of E over shifts, scattered back like a gradient (col2im), is the diagonal.
+        """
+        xp = array_module(M)
+        B = M.shape[0]
+        in_shape = tuple(self._x.shape[1:])
+        C_out, Ho, Wo = self.out_shape(in_shape)
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        W = self.weight
+        M7 = M.reshape(B, C_out, Ho, Wo, C_out, Ho, Wo)
+        dcols = xp.zeros((B, Ho, Wo, C_out, W[0].size), dtype=M.dtype)
+        for dh in range(-((kh - 1) // sh), (kh - 1) // sh + 1):  # loops over kernel shifts only
+            for dw in range(-((kw - 1) // sw), (kw - 1) // sw + 1):
+                band = _band(M7, dh, dw, xp)  # (B, Ho, Wo, C_out, C_out')
+                W2 = _shift_kernel(W, sh * dh, sw * dw, xp).reshape(C_out, -1)
+                dcols += band @ W2  # (B, Ho, Wo, C_out, C k_h k_w)
+        E = (dcols * W.reshape(C_out, -1)).sum(axis=3)  # (B, Ho, Wo, C k_h k_w)
+        return self.col2im(E.reshape(B, Ho * Wo, -1), in_shape)
+
+    def backprop_from_diag(self, m):
+        """M_in[(c,R), (c',R')] = sum_{o,h} m[o,h] W[o,c,R - h s] W[o,c',R' - h s] (2-D positions).
+
+        For each kernel offset (u, t) of the row pixel, one product gives
+            G[l, c, (c',u',t')] = sum_o m[o, l] W[o,c,u,t] W[o,c',u',t'],
+        added at row (c, h s + u, w s + t) and column (c', h s + u', w s + t') of the padded M_in:
+        distinct positions l hit distinct rows, so the indexed add has no collisions.
+        """
+        xp = array_module(m)
+        B = m.shape[0]
+        C, H, Wd = self._x.shape[1:]
+        C_out, Ho, Wo = self.out_shape((C, H, Wd))
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        Hp, Wp = H + 2 * ph, Wd + 2 * pw
+        W = self.weight
+        ml = m.reshape(B, C_out, Ho * Wo).transpose(0, 2, 1)  # (B, L, C_out)
+        R = xp.zeros((B, C, Hp, Wp, C, Hp, Wp), dtype=m.dtype)
+        h = (xp.arange(Ho) * sh)[:, None, None, None]
+        w = (xp.arange(Wo) * sw)[None, :, None, None]
+        col_r = h + xp.arange(kh)[None, None, :, None]  # (Ho, 1, kh, 1): column pixel rows h s + u'
+        col_q = w + xp.arange(kw)[None, None, None, :]
+        for u in range(kh):  # loops over kernel offsets only
+            for t in range(kw):
+                WW = (W[:, :, u, t][:, :, None] * W.reshape(C_out, 1, -1)).reshape(C_out, -1)  # (C_out, C C k_h k_w)
+                G = (ml @ WW).reshape(B, Ho, Wo, C, C, kh, kw)
+                R[:, :, h + u, w + t, :, col_r, col_q] += G.transpose(1, 2, 5, 6, 0, 3, 4)
+        R = R[:, :, ph:ph + H, pw:pw + Wd, :, ph:ph + H, pw:pw + Wd]
+        return R.reshape(B, C * H * Wd, C * H * Wd)
+
+    def cost_geometry(self, in_shape, out_shape):
+        """im2col sizes: L positions, C_out x (C k_h k_w) kernel, and the (2k-1)^2 band shifts of diag_of_backprop."""
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        L, Co, C = prod(out_shape[1:]), self.out_channels, self.in_channels
+        CK = C * kh * kw
+        shifts = (2 * ((kh - 1) // sh) + 1) * (2 * ((kw - 1) // sw) + 1)
+        return dict(kind="conv", L=L, Co=Co, C=C, CK=CK, kk=kh * kw, shifts=shifts,
+                    vjp_flops=2 * L * Co * CK + L * CK, vjp_work=L * CK)
 
     # ---- dense Jacobians --------------------------------------------------------------------
     def conv_matrix(self, in_shape):
-        """T with y_flat = T x_flat (+ b): T[(o,h,w), (c, h*s+u-p, w*s+v-p)] = W[o,c,u,v]."""
-        m = array_module(self.weight)
+        """T with y_flat = T x_flat (+ b): T[(o,h,w), (c, h*s+u-p, w*s+t-p)] = W[o,c,u,t]."""
+        xp = array_module(self.weight)
         C, H, W = in_shape
         C_out, Ho, Wo = self.out_shape(tuple(in_shape))
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        o, h, w, c, u, v = m.ix_(*(m.arange(n) for n in (C_out, Ho, Wo, C, kh, kw)))
-        r, q = h * sh + u - ph, w * sw + v - pw
+        o, h, w, c, u, t = xp.ix_(*(xp.arange(n) for n in (C_out, Ho, Wo, C, kh, kw)))
+        r, q = h * sh + u - ph, w * sw + t - pw
         valid = (r >= 0) & (r < H) & (q >= 0) & (q < W)
         shape = (C_out, Ho, Wo, C, kh, kw)
-        row = m.broadcast_to((o * Ho + h) * Wo + w, shape)
-        col = m.broadcast_to((c * H + r) * W + q, shape)
-        val = m.broadcast_to(self.weight[:, None, None], shape)
-        valid = m.broadcast_to(valid, shape)
-        T = m.zeros((C_out * Ho * Wo, C * H * W), dtype=self.weight.dtype)
+        row = xp.broadcast_to((o * Ho + h) * Wo + w, shape)
+        col = xp.broadcast_to((c * H + r) * W + q, shape)
+        val = xp.broadcast_to(self.weight[:, None, None], shape)
+        valid = xp.broadcast_to(valid, shape)
+        T = xp.zeros((C_out * Ho * Wo, C * H * W), dtype=self.weight.dtype)
         # each (row, col) pair occurs at most once, so plain assignment is exact
         T[row[valid], col[valid]] = val[valid]
         return T
@@ -201,19 +323,42 @@ class Conv2d(Layer):
         return array_module(x).broadcast_to(T, (x.shape[0],) + T.shape).copy()
 
     def jac_params(self, x):
-        """J_p[(o,l), (o',c,u,v)] = delta_{o o'} cols[l, (c,u,v)]; bias block delta_{o o'}."""
+        """J_p[(o,l), (o',c,u,t)] = delta_{o o'} cols[l, (c,u,t)]; bias block delta_{o o'}."""
         self.forward(x)
-        m = array_module(x)
+        xp = array_module(x)
         cols = self._cols
         B, L, CK = cols.shape
         C_out = self.out_channels
-        eye = m.eye(C_out, dtype=x.dtype)
+        eye = xp.eye(C_out, dtype=x.dtype)
         JW = (eye[None, :, None, :, None] * cols[:, None, :, None, :]).reshape(B, C_out * L, C_out * CK)
         if "bias" not in self.param_names:
             return JW
-        Jb = m.broadcast_to(eye[:, None, :], (C_out, L, C_out)).reshape(C_out * L, C_out)
-        return m.concatenate([JW, m.broadcast_to(Jb, (B,) + Jb.shape)], axis=2)
+        Jb = xp.broadcast_to(eye[:, None, :], (C_out, L, C_out)).reshape(C_out * L, C_out)
+        return xp.concatenate([JW, xp.broadcast_to(Jb, (B,) + Jb.shape)], axis=2)
 
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding})")
+
+
+def _band(M7, dh, dw, xp):
+    """band[b, h, w, o, o'] = M[b, (o, h, w), (o', h + dh, w + dw)], zero where h + dh or w + dw is outside."""
+    B, C_out, Ho, Wo = M7.shape[:4]
+    h0, h1, w0, w1 = max(0, -dh), min(Ho, Ho - dh), max(0, -dw), min(Wo, Wo - dw)
+    band = xp.zeros((B, Ho, Wo, C_out, C_out), dtype=M7.dtype)
+    if h1 <= h0 or w1 <= w0:
+        return band
+    sub = M7[:, :, h0:h1, w0:w1, :, h0 + dh:h1 + dh, w0 + dw:w1 + dw]
+    sub = xp.diagonal(xp.diagonal(sub, axis1=2, axis2=5), axis1=2, axis2=4)  # (B, C_out, C_out', h, w)
+    band[:, h0:h1, w0:w1] = sub.transpose(0, 3, 4, 1, 2)
+    return band
+
+
+def _shift_kernel(W, du, dt, xp):
+    """W2[o, c, u, t] = W[o, c, u - du, t - dt], zero where u - du or t - dt leaves the kernel."""
+    kh, kw = W.shape[2:]
+    W2 = xp.zeros_like(W)
+    if abs(du) < kh and abs(dt) < kw:
+        W2[:, :, max(0, du):kh + min(0, du), max(0, dt):kw + min(0, dt)] = \
+            W[:, :, max(0, -du):kh - max(0, du), max(0, -dt):kw - max(0, dt)]
+    return W2

@@ -1,10 +1,15 @@
-"""Linear layer y = W x + b (PyTorch layout: W has shape (out, in))."""
+"""Linear layer y = W x + b (PyTorch layout: W has shape (out, in)).
+
+J_in = W for every sample and J_p[o, (o', i)] = delta_{o o'} x_i (bias: I), so every curvature rule is
+a small matrix product: M_in = W^T M W, m_in = (W * W)^T m, and a weight's diagonal M_oo x_i^2 needs only
+diag(M), whatever form M is held in.
+"""
 from __future__ import annotations
 
 import numpy as np
 
 from ..backend import array_module
-from .base import Layer, init_uniform
+from .base import Layer, diag_of, init_uniform
 
 
 class Linear(Layer):
@@ -40,38 +45,80 @@ class Linear(Layer):
 
     def _vjp_params(self, v):
         """J_p^T v = (v x^T, v) per sample, flattened."""
-        m = array_module(v)
+        xp = array_module(v)
         B, K = v.shape[:2]
         gW = v[:, :, :, None] * self._x[:, None, None, :]
         parts = [gW.reshape(B, K, -1)]
         if "bias" in self.param_names:
             parts.append(v)
-        return m.concatenate(parts, axis=2)
+        return xp.concatenate(parts, axis=2)
 
     def _vjp_params_sum(self, v):
         """sum_b (v_b x_b^T, v_b): one matrix product for the batch."""
-        m = array_module(v)
+        xp = array_module(v)
         parts = [(v.T @ self._x).ravel()]
         if "bias" in self.param_names:
             parts.append(v.sum(axis=0))
-        return m.concatenate(parts)
+        return xp.concatenate(parts)
 
+    # ---- curvature rules ----------------------------------------------------------------------
+    def backprop_full(self, M):
+        """M_in = W^T M W."""
+        return self.weight.T @ (M @ self.weight)
+
+    def backprop_diag(self, m):
+        """m_in = (W * W)^T m."""
+        return m @ self.weight ** 2
+
+    def diag_of_backprop(self, M):
+        """m_in[i] = sum_o W[o, i] (M W)[o, i]."""
+        return ((M @ self.weight) * self.weight).sum(axis=1)
+
+    def backprop_from_diag(self, m):
+        """M_in = W^T diag(m) W."""
+        return (self.weight.T * m[:, None, :]) @ self.weight
+
+    def param_diag_from_diag(self, m, per_sample=False):
+        """W[o, i]: m_o x_i^2;  b[o]: m_o."""
+        xp = array_module(m)
+        x2 = self._cached_input() ** 2
+        if per_sample:
+            parts = [(m[:, :, None] * x2[:, None, :]).reshape(m.shape[0], -1)]
+        else:
+            parts = [(m.T @ x2).ravel()]
+        if "bias" in self.param_names:
+            parts.append(m if per_sample else m.sum(axis=0))
+        return xp.concatenate(parts, axis=-1)
+
+    def param_diag(self, M, per_sample=False):
+        """J_p touches one output per weight, so only diag(M) enters: W[o, i]: M_oo x_i^2;  b[o]: M_oo."""
+        return self.param_diag_from_diag(diag_of(M, (self.out_features,)), per_sample)
+
+    def param_diag_from_sqrt(self, V, per_sample=False):
+        """As param_diag, with diag(M) = sum_k v_k^2."""
+        return self.param_diag_from_diag((V ** 2).sum(axis=1), per_sample)
+
+    def cost_geometry(self, in_shape, out_shape):
+        """J_in^T v = W^T v: a dense (out x in) product."""
+        return dict(kind="linear", vjp_flops=2 * self.in_features * self.out_features, vjp_work=self.in_features)
+
+    # ---- dense Jacobians --------------------------------------------------------------------
     def jac_input(self, x):
         """J_in = W for every sample: (B, out, in)."""
         self.forward(x)
-        m = array_module(x)
-        return m.broadcast_to(self.weight, (x.shape[0],) + self.weight.shape).copy()
+        xp = array_module(x)
+        return xp.broadcast_to(self.weight, (x.shape[0],) + self.weight.shape).copy()
 
     def jac_params(self, x):
         """J_p[o, (o', i)] = delta_{o o'} x_i; bias block = I: (B, out, out*in [+ out])."""
         self.forward(x)
-        m = array_module(x)
+        xp = array_module(x)
         B, n_in, n_out = x.shape[0], self.in_features, self.out_features
-        eye = m.eye(n_out, dtype=x.dtype)
+        eye = xp.eye(n_out, dtype=x.dtype)
         JW = (eye[None, :, :, None] * x[:, None, None, :]).reshape(B, n_out, n_out * n_in)
         if "bias" not in self.param_names:
             return JW
-        return m.concatenate([JW, m.broadcast_to(eye, (B, n_out, n_out))], axis=2)
+        return xp.concatenate([JW, xp.broadcast_to(eye, (B, n_out, n_out))], axis=2)
 
     def __repr__(self):
         return f"Linear({self.in_features}, {self.out_features})"

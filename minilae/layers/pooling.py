@@ -1,8 +1,13 @@
-"""Resampling layers: max-pooling (routes through the arg-max) and nearest up-sampling."""
+"""Resampling layers: max- and average-pooling over non-overlapping windows, nearest up-sampling.
+
+Their Jacobians are sparse and known in closed form, which gives the curvature rules directly:
+max-pooling selects one input per output (entries 0/1, one non-zero per row and per column), nearest
+up-sampling copies one input to s^2 outputs, average-pooling spreads 1/k^2 over a window.
+"""
 from __future__ import annotations
 
 from ..backend import array_module
-from .base import Layer, prod
+from .base import Layer, diag_of, prod
 
 
 def _check_image(layer, in_shape):
@@ -12,11 +17,11 @@ def _check_image(layer, in_shape):
 
 def _selection_jacobian(x, in_index):
     """J[b, i, in_index[b, i]] = 1: the Jacobian of a layer that copies selected inputs."""
-    m = array_module(x)
+    xp = array_module(x)
     B = x.shape[0]
     d_out, d_in = in_index.shape[1], prod(x.shape[1:])
-    J = m.zeros((B, d_out, d_in), dtype=x.dtype)
-    J[m.arange(B)[:, None], m.arange(d_out)[None, :], in_index] = 1.0
+    J = xp.zeros((B, d_out, d_in), dtype=x.dtype)
+    J[xp.arange(B)[:, None], xp.arange(d_out)[None, :], in_index] = 1.0
     return J
 
 
@@ -26,6 +31,8 @@ class MaxPool2d(Layer):
     Tied maxima (constant windows, e.g. MNIST's black border) route the derivative to the first
     of them in row-major window order, as PyTorch and numpy.argmax do.
     """
+
+    unit_jacobian = one_input_per_output = one_output_per_input = True  # J_in selects the arg-maxes
 
     def __init__(self, kernel_size: int = 2, stride=None):
         super().__init__()
@@ -49,35 +56,39 @@ class MaxPool2d(Layer):
 
     def _forward(self, x):
         # a running max over the k*k offsets: k*k passes over strided views, never a window copy
-        m = array_module(x)
+        xp = array_module(x)
         offsets = self._offsets(*x.shape[2:])
         best = x[(Ellipsis,) + offsets[0]]
-        arg = m.zeros(best.shape, dtype=m.int64)
+        arg = xp.zeros(best.shape, dtype=xp.int64)
         for i, sl in enumerate(offsets[1:], start=1):
             cand = x[(Ellipsis,) + sl]
             better = cand > best  # strict: ties keep the first offset, as argmax does
-            best = m.where(better, cand, best)
-            arg = m.where(better, i, arg)
+            best = xp.where(better, cand, best)
+            arg = xp.where(better, i, arg)
         self._argmax = arg
         return best
 
     def _vjp_input(self, v):
         """J_in^T v: each v lands on the arg-max of its window, zeros elsewhere."""
-        m = array_module(v)
+        xp = array_module(v)
         H, W = self._x.shape[2:]
-        g = m.zeros(v.shape[:3] + (H, W), dtype=v.dtype)  # rows/columns the pooling dropped stay 0
+        g = xp.zeros(v.shape[:3] + (H, W), dtype=v.dtype)  # rows/columns the pooling dropped stay 0
         hit_of = self._argmax[:, None]
         for i, sl in enumerate(self._offsets(H, W)):
-            g[(Ellipsis,) + sl] = m.where(hit_of == i, v, 0)
+            g[(Ellipsis,) + sl] = xp.where(hit_of == i, v, 0)
         return g
+
+    def cost_geometry(self, in_shape, out_shape):
+        """One routed copy per feature."""
+        return dict(kind="pointwise", vjp_flops=prod(in_shape), vjp_work=prod(in_shape))
 
     def input_index(self, x):
         """Flat input index of each output's arg-max: (B, d_out)."""
-        m = array_module(x)
+        xp = array_module(x)
         self.forward(x)
         B, C, H, W = x.shape
         _, Ho, Wo = self.out_shape(tuple(x.shape[1:]))
-        c, i, j = m.ix_(m.arange(C), m.arange(Ho), m.arange(Wo))
+        c, i, j = xp.ix_(xp.arange(C), xp.arange(Ho), xp.arange(Wo))
         r = i * self.k + self._argmax // self.k
         q = j * self.k + self._argmax % self.k
         return ((c * H + r) * W + q).reshape(B, -1)
@@ -93,6 +104,8 @@ class MaxPool2d(Layer):
 class Upsample(Layer):
     """Nearest-neighbour up-sampling: y[c, i, j] = x[c, i // s, j // s]."""
 
+    unit_jacobian = one_input_per_output = True  # each output copies one input; an input reaches s^2 outputs
+
     def __init__(self, scale_factor: int = 2):
         super().__init__()
         if int(scale_factor) != scale_factor or scale_factor < 1:
@@ -105,10 +118,10 @@ class Upsample(Layer):
         return (C, H * self.s, W * self.s)
 
     def _forward(self, x):
-        m = array_module(x)
+        xp = array_module(x)
         B, C, H, W = x.shape
         s = self.s
-        return m.broadcast_to(x[:, :, :, None, :, None], (B, C, H, s, W, s)).reshape(B, C, H * s, W * s)
+        return xp.broadcast_to(x[:, :, :, None, :, None], (B, C, H, s, W, s)).reshape(B, C, H * s, W * s)
 
     def _vjp_input(self, v):
         """J_in^T v: sum of v over each s x s block (s*s strided views added)."""
@@ -118,13 +131,21 @@ class Upsample(Layer):
             out += v[..., i // s::s, i % s::s]
         return out
 
+    def diag_of_backprop(self, M):
+        """m_in = diag(J_in^T M J_in): d_in < d_out, so forming J_in^T M J_in costs less than M itself."""
+        return diag_of(self.backprop_full(M), tuple(self._x.shape[1:]))
+
+    def cost_geometry(self, in_shape, out_shape):
+        """A sum of s^2 strided views."""
+        return dict(kind="upsample", vjp_flops=prod(out_shape), vjp_work=prod(out_shape))
+
     def input_index(self, x):
         """Flat input index that each output copies: (B, d_out)."""
-        m = array_module(x)
+        xp = array_module(x)
         B, C, H, W = x.shape
-        c, i, j = m.ix_(m.arange(C), m.arange(H * self.s), m.arange(W * self.s))
+        c, i, j = xp.ix_(xp.arange(C), xp.arange(H * self.s), xp.arange(W * self.s))
         idx = (c * H + i // self.s) * W + j // self.s
-        return m.broadcast_to(idx.reshape(1, -1), (B, idx.size))
+        return xp.broadcast_to(idx.reshape(1, -1), (B, idx.size))
 
     def jac_input(self, x):
         """One 1 per row, at the copied input: (B, d_out, d_in)."""
@@ -133,3 +154,68 @@ class Upsample(Layer):
 
     def __repr__(self):
         return f"Upsample(scale_factor={self.s})"
+
+
+class AvgPool2d(Layer):
+    """y[c, i, j] = mean of the k x k window (non-overlapping: stride = kernel_size), as PyTorch.
+
+    J_in holds 1/k^2 at each output's window: one non-zero per column, k^2 per row, so
+    (J_in * J_in)^T m = J_in^T m / k^2 and diag(J_in^T M J_in) needs only diag(M).
+    """
+
+    one_output_per_input = True
+
+    def __init__(self, kernel_size: int = 2, stride=None):
+        super().__init__()
+        stride = kernel_size if stride is None else stride
+        if int(kernel_size) != kernel_size or kernel_size < 1 or stride != kernel_size:
+            raise ValueError(f"AvgPool2d supports non-overlapping windows (stride == kernel_size >= 1); "
+                             f"got kernel_size={kernel_size}, stride={stride}")
+        self.k = int(kernel_size)
+
+    def out_shape(self, in_shape):
+        _check_image(self, in_shape)
+        C, H, W = in_shape
+        if H < self.k or W < self.k:
+            raise ValueError(f"{self!r}: input {H}x{W} is smaller than the window {self.k}x{self.k}")
+        return (C, H // self.k, W // self.k)
+
+    def _forward(self, x):
+        # rows and columns beyond the last whole window are dropped, as PyTorch does
+        B, C, H, W = x.shape
+        k, Ho, Wo = self.k, H // self.k, W // self.k
+        return x[:, :, :Ho * k, :Wo * k].reshape(B, C, Ho, k, Wo, k).mean(axis=(3, 5))
+
+    def _vjp_input(self, v):
+        """J_in^T v: v / k^2 spread over each window, zeros on the dropped rows/columns."""
+        xp = array_module(v)
+        H, W = self._x.shape[2:]
+        k, (Ho, Wo) = self.k, v.shape[-2:]
+        g = xp.zeros(v.shape[:3] + (H, W), dtype=v.dtype)
+        spread = xp.broadcast_to(v[..., :, None, :, None] / (k * k), v.shape[:3] + (Ho, k, Wo, k))
+        g[..., :Ho * k, :Wo * k] = spread.reshape(v.shape[:3] + (Ho * k, Wo * k))
+        return g
+
+    def backprop_diag(self, m):
+        """m_in = (J_in * J_in)^T m = J_in^T m / k^2 (every non-zero of J_in is 1/k^2)."""
+        return self.vjp_input(m) / (self.k * self.k)
+
+    def cost_geometry(self, in_shape, out_shape):
+        """One spread copy per feature."""
+        return dict(kind="generic", vjp_flops=prod(in_shape), vjp_work=prod(in_shape))
+
+    def jac_input(self, x):
+        """1/k^2 at (output, each input of its window): (B, d_out, d_in)."""
+        xp = array_module(x)
+        self.forward(x)
+        B, C, H, W = x.shape
+        _, Ho, Wo = self.out_shape(tuple(x.shape[1:]))
+        c, i, j, u, t = xp.ix_(*(xp.arange(n) for n in (C, Ho, Wo, self.k, self.k)))
+        rows = xp.broadcast_to((c * Ho + i) * Wo + j, (C, Ho, Wo, self.k, self.k)).ravel()
+        cols = ((c * H + i * self.k + u) * W + j * self.k + t).ravel()
+        J = xp.zeros((B, C * Ho * Wo, C * H * W), dtype=x.dtype)
+        J[:, rows, cols] = 1.0 / (self.k * self.k)
+        return J
+
+    def __repr__(self):
+        return f"AvgPool2d({self.k})"

@@ -7,6 +7,8 @@ from .base import Layer, identity_jacobian, prod
 class Reshape(Layer):
     """y = x viewed with per-sample shape `shape` (same elements, C order)."""
 
+    unit_jacobian = one_input_per_output = one_output_per_input = True  # J_in = I
+
     def __init__(self, *shape):
         super().__init__()
         if len(shape) == 1 and isinstance(shape[0], (tuple, list)):
@@ -25,6 +27,14 @@ class Reshape(Layer):
     def _vjp_input(self, v):
         """J_in^T v = v reshaped back to the input shape."""
         return v.reshape(v.shape[:2] + tuple(self._x.shape[1:]))
+
+    def backprop_full(self, M):
+        """A reshape keeps the flat order, so J_in = I and M_in = M."""
+        return M
+
+    def cost_geometry(self, in_shape, out_shape):
+        """No arithmetic; one copy of the features at most."""
+        return dict(kind="pointwise", vjp_flops=prod(in_shape), vjp_work=prod(in_shape))
 
     def jac_input(self, x):
         """The identity, (B, d, d)."""

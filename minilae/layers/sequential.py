@@ -8,7 +8,8 @@ The flat parameter vector is the layers' flat vectors concatenated in layer orde
 """
 from __future__ import annotations
 
-from ..backend import array_module, xp
+from .. import backend
+from ..backend import array_module
 from .base import Layer, check_batch, identity_jacobian, label, prod
 
 
@@ -65,7 +66,7 @@ class Sequential(Layer):
     def get_params(self):
         """theta = concat(theta_1, ..., theta_L) (a copy)."""
         parts = [layer.get_params() for layer in self.layers if layer.num_params]
-        return xp().concatenate(parts) if parts else xp().zeros(0)
+        return backend.xp().concatenate(parts) if parts else backend.xp().zeros(0)
 
     def set_params(self, theta):
         """Write theta into every layer."""
@@ -129,7 +130,7 @@ class Sequential(Layer):
 
     def _backprop_params(self, v, per_sample):
         """Walk the chain backwards collecting J_p^l^T v_l, with v_{l-1} = J_in^l^T v_l."""
-        m = array_module(v)
+        xp = array_module(v)
         grads = []
         for i, layer in enumerate(reversed(self.layers)):
             if layer.num_params:
@@ -137,8 +138,8 @@ class Sequential(Layer):
             if i < len(self.layers) - 1:  # the input gradient of the first layer is never needed
                 v = layer.vjp_input(v)
         if not grads:  # a chain without parameters
-            return m.zeros(v.shape[:2] + (0,) if per_sample else (0,), dtype=v.dtype)
-        return m.concatenate(grads[::-1], axis=-1)
+            return xp.zeros(v.shape[:2] + (0,) if per_sample else (0,), dtype=v.dtype)
+        return xp.concatenate(grads[::-1], axis=-1)
 
     def _vjp_params(self, v):
         return self._backprop_params(v, per_sample=True)
@@ -158,7 +159,7 @@ class Sequential(Layer):
     def _dense(self, x, with_params):
         """(J_in, J_p or None, output) from ONE forward through the chain, so that every factor is
         taken at the same point (a training-mode Dropout draws its mask once and all factors use it)."""
-        m = array_module(x)
+        xp = array_module(x)
         check_batch(self, x)
         self.out_shape(tuple(x.shape[1:]))
         J_in, J_p, h = [], [], x
@@ -181,4 +182,4 @@ class Sequential(Layer):
             A = A @ Ji
         self._x = x
         self._record(h)  # the factors were taken at one forward, so its caches are consistent
-        return A, (m.concatenate(blocks[::-1], axis=2) if with_params else None), h
+        return A, (xp.concatenate(blocks[::-1], axis=2) if with_params else None), h
