@@ -9,8 +9,8 @@ from scipy.special import expit
 
 from minilae.backend import asarray, get_default_dtype, set_default_dtype, to_numpy, xp
 from minilae.gradcheck import assert_close, fd_roundoff, numerical_jacobian
-from minilae.layers import (Conv2d, Dropout, Elementwise, Flatten, Layer, Linear, MaxPool2d, ReLU,
-                            Reshape, Sequential, Sigmoid, Tanh, Upsample)
+from minilae.layers import (ELU, AvgPool2d, Conv2d, ConvTranspose2d, Dropout, Elementwise, Flatten, Layer,
+                            LeakyReLU, Linear, MaxPool2d, ReLU, Reshape, Sequential, Sigmoid, Softplus, Tanh, Upsample)
 
 RTOL = 1e-6  # vs central differences (eps = 1e-6, float64)
 EXACT = 1e-12  # two analytic forms of the same quantity: round-off only
@@ -32,6 +32,25 @@ CONV_CONFIGS = [
 ]
 CONV_IDS = [f"c{c[0]}-{c[1]}_k{c[2]}_s{c[3]}_p{c[4]}_{c[5]}x{c[6]}{'' if c[7] else '_nobias'}"
             for c in CONV_CONFIGS]
+
+
+# (C_in, C_out, kernel, stride, padding, output_padding, H, W, bias) for ConvTranspose2d: stride 1 and 2,
+# padding cropping the output, output padding on one or both axes, asymmetric kernels, no bias
+CONVT_CONFIGS = [
+    (1, 2, 3, 1, 0, 0, 3, 3, True),
+    (2, 3, 3, 2, 1, 1, 3, 2, True),
+    (3, 2, (2, 3), (2, 1), (0, 1), (1, 0), 2, 3, True),
+    (2, 2, 2, 2, 0, 0, 2, 3, False),
+    (2, 1, 3, 3, 1, 2, 2, 2, True),
+]
+CONVT_IDS = [f"c{c[0]}-{c[1]}_k{c[2]}_s{c[3]}_p{c[4]}_op{c[5]}_{c[6]}x{c[7]}{'' if c[8] else '_nobias'}"
+             for c in CONVT_CONFIGS]
+
+
+def make_convt(cfg, rng, batch=2):
+    C_in, C_out, k, s, p, op, H, W, bias = cfg
+    layer = ConvTranspose2d(C_in, C_out, k, stride=s, padding=p, output_padding=op, bias=bias, rng=rng)
+    return layer, asarray(rng.standard_normal((batch, C_in, H, W)))
 
 
 def make_conv(cfg, rng, batch=2):
@@ -58,7 +77,13 @@ LAYER_CASES = {
     "linear": lambda r: (Linear(5, 4, rng=r), r.standard_normal((3, 5))),
     "linear_nobias": lambda r: (Linear(3, 6, bias=False, rng=r), r.standard_normal((2, 3))),
     **{f"conv_{i}": (lambda r, c=c: make_conv(c, r)) for i, c in zip(CONV_IDS, CONV_CONFIGS)},
+    **{f"convT_{i}": (lambda r, c=c: make_convt(c, r)) for i, c in zip(CONVT_IDS, CONVT_CONFIGS)},
     "tanh": lambda r: (Tanh(), r.standard_normal((2, 3, 2, 2))),
+    "leaky_relu": lambda r: (LeakyReLU(0.2), away_from_zero(r, (2, 3, 4))),
+    "elu": lambda r: (ELU(0.7), away_from_zero(r, (2, 2, 3, 3))),
+    "softplus": lambda r: (Softplus(), 3 * r.standard_normal((3, 5))),
+    "avgpool2_odd": lambda r: (AvgPool2d(2), r.standard_normal((2, 2, 5, 4))),
+    "avgpool3": lambda r: (AvgPool2d(3), r.standard_normal((2, 1, 6, 7))),
     "sigmoid": lambda r: (Sigmoid(), 3 * r.standard_normal((3, 5))),
     "relu": lambda r: (ReLU(), away_from_zero(r, (2, 2, 3, 3))),
     "maxpool2_odd": lambda r: (MaxPool2d(2), distinct(r, (2, 2, 5, 4))),
@@ -221,7 +246,10 @@ def test_linear_forward_matches_reference(rng):
     (Tanh(), np.tanh, lambda x: 1 / np.cosh(x) ** 2),
     (Sigmoid(), expit, lambda x: expit(x) * expit(-x)),
     (ReLU(), lambda x: np.where(x > 0, x, 0.0), lambda x: np.where(x > 0, 1.0, 0.0)),
-], ids=["tanh", "sigmoid", "relu"])
+    (LeakyReLU(0.1), lambda x: np.where(x > 0, x, 0.1 * x), lambda x: np.where(x > 0, 1.0, 0.1)),
+    (ELU(1.3), lambda x: np.where(x > 0, x, 1.3 * (np.exp(x) - 1)), lambda x: np.where(x > 0, 1.0, 1.3 * np.exp(x))),
+    (Softplus(), lambda x: np.logaddexp(0.0, x), expit),
+], ids=["tanh", "sigmoid", "relu", "leaky_relu", "elu", "softplus"])
 def test_elementwise_forward_and_derivative(layer, reference, derivative, rng):
     x = 4 * away_from_zero(rng, (3, 2, 4))
     assert isinstance(layer, Elementwise)
@@ -234,6 +262,17 @@ def test_sigmoid_is_overflow_free():
     with np.errstate(all="raise"):
         y = Sigmoid()(asarray(np.array([[-1000.0, 0.0, 1000.0]])))
     assert_close(y, np.array([[0.0, 0.5, 1.0]]), 0.0, "sigmoid at +-1000")
+
+
+def test_new_activations_are_overflow_free_and_match_pytorch_at_the_kink():
+    """Bug caught: ELU's exp or Softplus's exp overflowing for large |x| (inf/NaN in forward or derivative),
+    and a kink value other than PyTorch's (LeakyReLU' = slope, ELU' = alpha at 0)."""
+    x = asarray(np.array([[-1000.0, 0.0, 1000.0]]))
+    with np.errstate(over="raise", invalid="raise", divide="raise"):  # exp(-1000) underflowing to 0 is right
+        assert_close(Softplus()(x), np.array([[0.0, np.log(2.0), 1000.0]]), EXACT, "softplus at +-1000")
+        assert_close(ELU(2.0)(x), np.array([[-2.0, 0.0, 1000.0]]), EXACT, "elu at +-1000")
+        assert_close(ELU(2.0).derivative(x), np.array([[0.0, 2.0, 1.0]]), 0.0, "elu' at -1000, 0, 1000")
+        assert_close(LeakyReLU(0.3).derivative(x), np.array([[0.3, 0.3, 1.0]]), 0.0, "leaky relu'")
 
 
 def test_relu_derivative_is_zero_at_the_kink():
@@ -322,6 +361,51 @@ def test_maxpool_ties_route_the_product_to_the_first_index_only(tied, K, rng):
     assert_close(pool.vjp_input(v), expected, 0.0, "J_in^T v on tied windows")
 
 
+@pytest.mark.parametrize("k, shape", [(2, (2, 3, 4, 6)), (2, (1, 2, 5, 5)), (3, (2, 1, 7, 8))])
+def test_avgpool_forward_matches_loops(k, shape, rng):
+    """Bug caught: windows other than PyTorch's (trailing rows/columns beyond the last window not dropped)."""
+    x = rng.standard_normal(shape)
+    B, C, H, W = shape
+    expected = np.array([[[[x[b, c, i * k:(i + 1) * k, j * k:(j + 1) * k].mean() for j in range(W // k)]
+                           for i in range(H // k)] for c in range(C)] for b in range(B)])
+    assert_close(AvgPool2d(k)(asarray(x)), expected, EXACT, "avg-pool forward")
+
+
+def convt_reference(x, weight, bias, stride, padding, output_padding):
+    """Transposed convolution by its definition, element by element: x[c, h, w] W[c, o, u, t] added at
+    (h s + u - p, w s + t - p) of the (H - 1) s - 2 p + k + output_padding output."""
+    (sh, sw), (ph, pw), (oh, ow) = stride, padding, output_padding
+    B, C, H, W = x.shape
+    C_out, kh, kw = weight.shape[1:]
+    Ho, Wo = (H - 1) * sh - 2 * ph + kh + oh, (W - 1) * sw - 2 * pw + kw + ow
+    y = np.zeros((B, C_out, Ho, Wo)) + (0.0 if bias is None else bias[None, :, None, None])
+    for b, c, h, w, o, u, t in np.ndindex(B, C, H, W, C_out, kh, kw):
+        r, q = h * sh + u - ph, w * sw + t - pw
+        if 0 <= r < Ho and 0 <= q < Wo:
+            y[b, o, r, q] += x[b, c, h, w] * weight[c, o, u, t]
+    return y
+
+
+@pytest.mark.parametrize("cfg", CONVT_CONFIGS, ids=CONVT_IDS)
+def test_conv_transpose_forward_matches_definition_and_is_the_adjoint_of_conv(cfg, rng):
+    """Bug caught: a wrong output size (PyTorch's (H-1)s - 2p + k + output_padding), the crop on the wrong
+    side, or the kernel read as (C_out, C_in) instead of PyTorch's (C_in, C_out, kh, kw) layout."""
+    layer, x = make_convt(cfg, rng, batch=3)
+    bias = to_numpy(layer.bias) if cfg[-1] else None
+    y = layer(x)
+    assert y.shape == (3,) + layer.out_shape(x.shape[1:])
+    expected = convt_reference(to_numpy(x), to_numpy(layer.weight), bias, layer.stride, layer.padding,
+                               layer.output_padding)
+    assert_close(y, expected, EXACT, "conv-transpose forward")
+    # <ConvT(x) - b, v> = <x, Conv2d(v)>: the same kernel read as Conv2d(C_out -> C_in), no bias
+    conv = Conv2d(cfg[1], cfg[0], cfg[2], stride=cfg[3], padding=cfg[4], bias=False, rng=rng)
+    conv.weight = layer.weight
+    v = asarray(rng.standard_normal(y.shape))
+    y0 = y - (layer.bias[None, :, None, None] if cfg[-1] else 0.0)
+    assert conv(v).shape == x.shape
+    assert_close((y0 * v).sum(), (x * conv(v)).sum(), EXACT, "adjoint of Conv2d")
+
+
 @pytest.mark.parametrize("s", [1, 2, 3])
 def test_upsample_forward_matches_repeat(s, rng):
     x = rng.standard_normal((2, 3, 2, 4))
@@ -393,6 +477,83 @@ def test_vjp_params_matches_dense(param_case, K, rng):
     assert_close(g, per_sample if K else per_sample[:, 0], EXACT, f"{layer!r} per-sample J_p^T v")
     if K is None:
         assert_close(layer.vjp_params(v), per_sample.sum(axis=(0, 1)), EXACT, f"{layer!r} summed J_p^T v")
+
+
+# ---- every layer: curvature rules (how M passes through) against the dense Jacobians ---------------
+
+def curvature_inputs(layer, x, rng):
+    """Dense J_in, J_p at x (host), a random PSD M = V^T V (B, d_out, d_out) from a factor V (B, 3, *out),
+    a positive m (B, *out); the layer's caches left at x."""
+    J_in, J_p = to_numpy(layer.jac_input(x)), to_numpy(layer.jac_params(x))
+    layer.forward(x)
+    B, out = x.shape[0], tuple(layer.out_shape(x.shape[1:]))
+    V = rng.standard_normal((B, 3) + out)
+    Vf = V.reshape(B, 3, -1)
+    M = Vf.transpose(0, 2, 1) @ Vf + np.einsum("bi,ij->bij", rng.random((B, Vf.shape[2])), np.eye(Vf.shape[2]))
+    m = rng.random((B,) + out) + 0.1
+    return J_in, J_p, M, m, V
+
+
+def close(actual, expected, what):
+    """Two exact computations: round-off relative to the scale of the whole result."""
+    assert_close(actual, expected, EXACT, what, atol=1e-13 * max(float(np.abs(expected).max()), 1.0))
+
+
+def test_backprop_rules_match_dense(case, rng):
+    """Bug caught: any layer's M_in = J^T M J, m_in = (J * J)^T m, diag(J^T M J) or J^T diag(m) J rule
+    being wrong (e.g. an unsquared kernel in (J * J)^T m, a missing 1/k^2, a transposed W)."""
+    layer, x = case
+    J, _, M, m, _ = curvature_inputs(layer, x, rng)
+    B, in_shape = x.shape[0], tuple(x.shape[1:])
+    mf = m.reshape(B, -1)
+    expected_full = np.einsum("boi,bop,bpj->bij", J, M, J)
+    close(layer.backprop_full(asarray(M)), expected_full, f"{layer!r} J^T M J")
+    close(layer.backprop_diag(asarray(m)), np.einsum("boi,bo->bi", J * J, mf).reshape((B,) + in_shape),
+          f"{layer!r} (J * J)^T m")
+    close(layer.diag_of_backprop(asarray(M)), np.einsum("bii->bi", expected_full).reshape((B,) + in_shape),
+          f"{layer!r} diag(J^T M J)")
+    close(layer.backprop_from_diag(asarray(m)), np.einsum("boi,bo,boj->bij", J, mf, J), f"{layer!r} J^T diag(m) J")
+
+
+def test_param_rules_match_dense(param_case, rng):
+    """Bug caught: a parameter block or diagonal read off M, diag(M) or the factor V wrongly (e.g. the
+    un-squared im2col matrix or input, a bias summed over the wrong axis, a missing sum over k)."""
+    layer, x = param_case
+    _, Jp, M, m, V = curvature_inputs(layer, x, rng)
+    B = x.shape[0]
+    block = np.einsum("bop,boq,bqr->bpr", Jp, M, Jp)
+    close(layer.param_block(asarray(M), per_sample=True), block, f"{layer!r} J_p^T M J_p")
+    close(layer.param_block(asarray(M)), block.sum(axis=0), f"{layer!r} summed block")
+    diag = np.einsum("bpp->bp", block)
+    close(layer.param_diag(asarray(M), per_sample=True), diag, f"{layer!r} diag(J_p^T M J_p)")
+    close(layer.param_diag(asarray(M)), diag.sum(axis=0), f"{layer!r} summed diag")
+    from_diag = np.einsum("bop,bo->bp", Jp * Jp, m.reshape(B, -1))
+    close(layer.param_diag_from_diag(asarray(m), per_sample=True), from_diag, f"{layer!r} (J_p * J_p)^T m")
+    close(layer.param_diag_from_diag(asarray(m)), from_diag.sum(axis=0), f"{layer!r} summed (J_p * J_p)^T m")
+    Vf = V.reshape(B, V.shape[1], -1)
+    from_sqrt = np.einsum("bpp->bp", np.einsum("bop,bko,bkq,bqr->bpr", Jp, Vf, Vf, Jp))
+    close(layer.param_diag_from_sqrt(asarray(V), per_sample=True), from_sqrt, f"{layer!r} sum_k (J_p^T v_k)^2")
+    close(layer.param_diag_from_sqrt(asarray(V)), from_sqrt.sum(axis=0), f"{layer!r} summed sqrt diag")
+
+
+EXACT_RULES = ["backprop_full", "diag_of_backprop", "backprop_from_diag"]
+PARAM_RULES = ["param_block", "param_diag", "param_diag_from_diag"]
+
+
+def test_base_defaults_agree_with_every_layer_s_own_rules(case, rng):
+    """The Layer defaults (J_in^T on M's columns, the dense rows of J_in and J_p from the products) against
+    each layer's specialised rule. Bug caught: a default that is right only for the layer shapes a
+    custom-layer test happens to use (e.g. rows and columns of M swapped, images flattened in another order)."""
+    layer, x = case
+    _, _, M, m, V = curvature_inputs(layer, x, rng)
+    args = {"backprop_full": M, "diag_of_backprop": M, "backprop_from_diag": m, "param_block": M, "param_diag": M,
+            "param_diag_from_diag": m}
+    for name in EXACT_RULES + (PARAM_RULES if layer.num_params else []):
+        close(getattr(Layer, name)(layer, asarray(args[name])), getattr(layer, name)(asarray(args[name])),
+              f"{layer!r} default {name}")
+    if layer.num_params:
+        close(Layer.param_diag_from_sqrt(layer, asarray(V)), layer.param_diag_from_sqrt(asarray(V)),
+              f"{layer!r} default param_diag_from_sqrt")
 
 
 def test_products_use_the_last_forward(rng):
@@ -660,6 +821,10 @@ def test_dropout_in_a_nested_chain_uses_one_mask(rng):
     (MaxPool2d(2), np.zeros((2, 4, 4)), r"NCHW"),
     (MaxPool2d(3), np.zeros((2, 1, 2, 5)), r"smaller than the window"),
     (Upsample(2), np.zeros((2, 4)), r"NCHW"),
+    (AvgPool2d(2), np.zeros((2, 4, 4)), r"NCHW"),
+    (AvgPool2d(3), np.zeros((2, 1, 5, 2)), r"smaller than the window"),
+    (ConvTranspose2d(2, 1, 3), np.zeros((2, 1, 3, 3)), r"C=2"),
+    (ConvTranspose2d(1, 1, 1, padding=1), np.zeros((2, 1, 1, 2)), r"empty output"),
     (Reshape(3, 3), np.zeros((2, 8)), r"cannot reshape"),
     (Linear(4, 3), np.zeros(4), r"batch axis"),
     (Sequential(Flatten(), Linear(4, 2)), np.zeros((2, 1, 2, 3)), r"expects inputs of shape \(B, 4\)"),
@@ -722,6 +887,14 @@ def test_set_params_errors(theta, match):
     (lambda: Conv2d(0, 2, 3), ValueError, "positive channel"),
     (lambda: MaxPool2d(2, stride=1), ValueError, "stride == kernel_size"),
     (lambda: Upsample(1.5), ValueError, "integer scale_factor"),
+    (lambda: AvgPool2d(2, stride=1), ValueError, "stride == kernel_size"),
+    (lambda: AvgPool2d(0), ValueError, "stride == kernel_size >= 1"),
+    (lambda: ConvTranspose2d(1, 2, 3, stride=2, output_padding=2), ValueError, "output_padding < stride"),
+    (lambda: ConvTranspose2d(1, 2, 3, output_padding=-1), ValueError, "output_padding < stride"),
+    (lambda: ConvTranspose2d(1, 2, 0), ValueError, "kernel >= 1"),
+    (lambda: ConvTranspose2d(0, 2, 3), ValueError, "positive channel"),
+    (lambda: LeakyReLU(-0.1), ValueError, "negative_slope >= 0"),
+    (lambda: ELU(0.0), ValueError, "alpha > 0"),
     (lambda: Dropout(1.0), ValueError, r"\[0, 1\)"),
     (lambda: Dropout(-0.1), ValueError, r"\[0, 1\)"),
     (lambda: Sequential(Linear(2, 2), np.tanh), TypeError, "Layer objects"),
