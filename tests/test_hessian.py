@@ -11,11 +11,13 @@ import pytest
 
 from minilae import curvature
 from minilae.backend import asarray, get_backend, to_numpy, xp
-from minilae.gradcheck import assert_close, relative_error
-from minilae.hessian import DEFAULT_THRESHOLD, MemoryBudgetError, estimate_cost, ggn_blocks, ggn_diagonal
+from minilae.backend import array_module
+from minilae.gradcheck import assert_close, numerical_jacobian, relative_error
+from minilae.hessian import DEFAULT_THRESHOLD, METHODS, MemoryBudgetError, estimate_cost, ggn_blocks, ggn_diagonal
 from minilae.hessian.chain import BUDGET_FRACTION, leaf_layers, resolve_budget
-from minilae.layers import (Conv2d, Dropout, Flatten, Layer, Linear, MaxPool2d, ReLU, Reshape, Sequential,
-                            Sigmoid, Tanh, Upsample)
+from minilae.layers import (ELU, AvgPool2d, Conv2d, ConvTranspose2d, Dropout, Elementwise, Flatten, Layer,
+                            LeakyReLU, Linear, MaxPool2d, MissingRuleError, ReLU, Reshape, Sequential, Sigmoid,
+                            Softplus, Tanh, Upsample)
 from minilae.losses import Bernoulli, Categorical, Gaussian
 from minilae.models import conv_autoencoder, mlp_autoencoder
 
@@ -86,9 +88,31 @@ def conv_ae(rng):
     return conv_autoencoder(input_shape=(1, 4, 4), latent_size=2, channels=(2, 3), hidden=(4, 3), seed=rng), (1, 4, 4)
 
 
+def decoder(rng):
+    """A decoder of the new layers mixed with the old: ConvTranspose2d up-sampling (stride 2, padding,
+    output padding), ELU, LeakyReLU, AvgPool2d, Softplus; image output."""
+    return Sequential(
+        Linear(3, 8, rng=rng), Reshape(2, 2, 2),
+        ConvTranspose2d(2, 3, 3, stride=2, padding=1, output_padding=1, rng=rng), ELU(0.8),   # (3, 4, 4)
+        Conv2d(3, 2, 3, padding=1, rng=rng), LeakyReLU(0.1),                                 # (2, 4, 4)
+        AvgPool2d(2), Softplus(),                                                            # (2, 2, 2)
+        ConvTranspose2d(2, 1, 2, stride=2, rng=rng),                                         # (1, 4, 4)
+    ), (3,)
+
+
+def pool_mix(rng):
+    """Image in, flat out: Softplus, AvgPool2d, an asymmetric ConvTranspose2d, LeakyReLU, ELU between
+    Conv2d and Linear layers."""
+    return Sequential(
+        Conv2d(1, 2, 3, padding=1, rng=rng), Softplus(), AvgPool2d(2),                       # (2, 3, 3)
+        ConvTranspose2d(2, 2, (2, 3), stride=(1, 2), padding=(0, 1), output_padding=(0, 1), rng=rng),  # (2, 4, 6)
+        LeakyReLU(0.2), Flatten(), Linear(48, 4, rng=rng), ELU(), Linear(4, 3, rng=rng),
+    ), (1, 6, 6)
+
+
 NETS = {"mlp": mlp, "conv": conv, "strided": strided, "conv_flat": conv_flat, "nested": nested, "mlp_ae": mlp_ae,
-        "conv_ae": conv_ae}
-FLAT = {"mlp", "conv_flat", "nested"}  # flat outputs: Categorical applies
+        "conv_ae": conv_ae, "decoder": decoder, "pool_mix": pool_mix}
+FLAT = {"mlp", "conv_flat", "nested", "pool_mix"}  # flat outputs: Categorical applies
 CASES = [(n, lik) for n in NETS for lik in ("gaussian", "bernoulli", "categorical")
          if lik != "categorical" or n in FLAT]
 CASE_IDS = [f"{n}-{lik}" for n, lik in CASES]
@@ -199,11 +223,13 @@ def diagonal_m_nets(rng):
                                          Flatten()), (2, 8, 8)),
         "conv_relu_upsample": (Sequential(Conv2d(3, 2, 3, padding=2, rng=rng), ReLU(), Upsample(2)), (3, 4, 4)),
         "single_conv_layer": (Conv2d(2, 2, 2, stride=2, rng=rng), (2, 4, 6)),
+        "convT_elu_leaky_relu": (Sequential(ConvTranspose2d(2, 2, 3, stride=2, padding=1, output_padding=1, rng=rng),
+                                            ELU(), LeakyReLU(0.3), Softplus()), (2, 3, 2)),
     }
 
 
 @pytest.mark.parametrize("net", ["linear", "linear_tanh_dropout", "conv_sigmoid_pool", "conv_relu_upsample",
-                                 "single_conv_layer"])
+                                 "single_conv_layer", "convT_elu_leaky_relu"])
 @pytest.mark.parametrize("lik_name", ["gaussian", "bernoulli"])
 def test_approx_is_exact_where_M_stays_diagonal(net, lik_name):
     rng = np.random.default_rng(3)
@@ -260,7 +286,7 @@ def test_mixed_limits_are_exact_and_approx(net, lik_name):
     assert_close(ggn_diagonal(model, lik, x, y, method="mixed", threshold=0), approx, EXACT, "mixed(0)")
 
 
-@pytest.mark.parametrize("net", ["conv", "strided", "conv_ae", "mlp_ae"])
+@pytest.mark.parametrize("net", ["conv", "strided", "conv_ae", "mlp_ae", "decoder", "pool_mix"])
 def test_mixed_switches_exactly_at_every_threshold(net):
     """Every threshold between the feature sizes (each switch full <-> diag at a different layer) against
     the dense definition."""
@@ -519,7 +545,7 @@ def test_f_with_another_x_is_refused_but_an_equal_copy_is_accepted():
 
 
 @pytest.mark.parametrize("method,kw", [("approx", {}), ("mixed", {"threshold": 20}), ("sqrt", {})])
-@pytest.mark.parametrize("net", ["conv", "conv_ae"])
+@pytest.mark.parametrize("net", ["conv", "conv_ae", "decoder", "pool_mix"])
 def test_every_method_refuses_what_its_estimate_says(net, method, kw):
     """Catches 'approx' ignoring memory_budget (issue 8, item 15): it ran whatever the budget said,
     while estimate_cost(..., 'approx') promised the same refusal as the other methods."""
@@ -528,3 +554,148 @@ def test_every_method_refuses_what_its_estimate_says(net, method, kw):
     ggn_diagonal(model, lik, x, y, method=method, memory_budget=need, **kw)  # exactly enough: runs
     with pytest.raises(MemoryBudgetError, match=rf"would need .* \({need} bytes\)"):
         ggn_diagonal(model, lik, x, y, method=method, memory_budget=need - 1, **kw)
+
+
+# ---- a user's own layer, defined outside the package (issue 12) ---------------------------------
+
+class Swish(Elementwise):
+    """y = x sigmoid(x): an activation needs only its forward and sigma'."""
+
+    def _forward(self, x):
+        return x * 0.5 * (1.0 + array_module(x).tanh(0.5 * x))
+
+    def derivative(self, x):
+        s = 0.5 * (1.0 + array_module(x).tanh(0.5 * x))
+        return s + x * s * (1.0 - s)
+
+
+class ChannelScale(Layer):
+    """y[c] = a[c] x[c] + b[c] per channel: a parametric layer with only forward and its two products."""
+
+    param_names = ("scale", "shift")
+
+    def __init__(self, channels, rng):
+        super().__init__()
+        self.scale = asarray(rng.uniform(0.5, 1.5, channels))
+        self.shift = asarray(rng.standard_normal(channels))
+
+    def _per_channel(self, p):
+        return p.reshape((-1,) + (1,) * (self._x.ndim - 2))
+
+    def _forward(self, x):
+        return x * self._per_channel(self.scale) + self._per_channel(self.shift)
+
+    def _vjp_input(self, v):  # v: (B, K, C, ...)
+        return v * self._per_channel(self.scale)
+
+    def _vjp_params(self, v):
+        spatial = tuple(range(3, v.ndim))
+        return xp().concatenate([(v * self._x[:, None]).sum(axis=spatial), v.sum(axis=spatial)], axis=2)
+
+
+class DiagonalChannelScale(ChannelScale):
+    """ChannelScale with the one rule 'approx' needs: J_in is diagonal, so (J_in * J_in)^T m = a^2 m."""
+
+    one_input_per_output = one_output_per_input = True
+
+    def backprop_diag(self, m):
+        return m * self._per_channel(self.scale) ** 2
+
+
+def user_net(rng, scale_layer=DiagonalChannelScale):
+    """Conv2d, Swish, the user's channel scale, ConvTranspose2d, Swish, Linear: flat output of 3."""
+    return Sequential(Conv2d(1, 2, 3, padding=1, rng=rng), Swish(), scale_layer(2, rng),
+                      ConvTranspose2d(2, 1, 2, stride=2, rng=rng), Swish(), Flatten(), Linear(16, 3, rng=rng))
+
+
+def fd_ggn_diagonal(model, lik, x, y):
+    """diag(sum_b J_b^T H_b J_b) with J from central differences of the whole network's output in theta
+    (nothing of the layers' own Jacobians or rules): per sample (B, P)."""
+    theta = model.get_params()
+
+    def outputs(t):
+        model.set_params(t)
+        return model(x)
+
+    J = to_numpy(numerical_jacobian(outputs, theta.copy()))  # (B d, P)
+    model.set_params(theta)
+    f = model(x)
+    J = J.reshape(x.shape[0], -1, theta.size)
+    return np.einsum("bop,boq,bqp->bp", J, to_numpy(lik.hess(f, y)), J)
+
+
+@pytest.mark.parametrize("lik_name", ["gaussian", "categorical"])
+def test_user_layers_defined_outside_the_package_get_every_method_right(lik_name):
+    """Bug caught: the engine needing a rule a user's layer cannot be expected to write (exact and sqrt must
+    run from forward and the two products alone), or a base-class default that is wrong for a layer the
+    package did not anticipate. exact / sqrt against the GGN from finite differences of the whole network;
+    approx and mixed at every threshold against their dense definition."""
+    rng = np.random.default_rng(11)
+    model, x = user_net(rng), asarray(rng.standard_normal((BATCH, 1, 2, 2)))
+    lik = likelihood(lik_name)
+    f = model(x)
+    y = asarray(rng.integers(0, 3, size=BATCH)) if lik_name == "categorical" else asarray(rng.random(f.shape))
+    scale = model[2]
+    scale_x = model[:2](x)  # the user's products and the dense Jacobians built from them vs differences
+    assert_close(scale.jac_params(scale_x), numerical_jacobian(lambda t: scale_params_out(scale, scale_x, t),
+                                                               scale.get_params().copy()).reshape(BATCH, 8, 4),
+                 FD, "user layer J_p")
+    reference = fd_ggn_diagonal(model, lik, x, y)
+    atol = 1e-9 * float(np.abs(reference).max())  # FD round-off is absolute (see the FD Hessian tests)
+    for method in ("exact", "sqrt"):
+        assert_close(ggn_diagonal(model, lik, x, y, method=method, per_sample=True), reference, FD, method,
+                     atol=atol)
+    sizes = sorted({int(np.prod(s)) for s in model.shapes(tuple(x.shape[1:]))})
+    for threshold in [0] + sizes[:-1]:  # 0 is 'approx'
+        got = ggn_diagonal(model, lik, x, y, method="mixed", threshold=threshold, per_sample=True)
+        assert_close(got, dense_mixed_reference(model, lik, x, y, threshold), EXACT, f"mixed({threshold})")
+    assert_close(ggn_diagonal(model, lik, x, y, method="approx", per_sample=True),
+                 dense_mixed_reference(model, lik, x, y, 0), EXACT, "approx")
+
+
+def scale_params_out(layer, x, theta):
+    layer.set_params(theta)
+    return layer(x)
+
+
+def test_a_missing_rule_names_the_method_to_implement():
+    """Bug caught: an AttributeError or a bare NotImplementedError deep in the engine instead of saying which
+    method of which class to write; and 'exact' refusing a layer that has only its products."""
+    rng = np.random.default_rng(12)
+    model, x = user_net(rng, scale_layer=ChannelScale), asarray(rng.standard_normal((BATCH, 1, 2, 2)))
+    y = asarray(rng.random((BATCH, 3)))
+    for method, kw in (("approx", {}), ("mixed", {"threshold": 4})):
+        with pytest.raises(MissingRuleError, match=r"ChannelScale\.backprop_diag\(m\)"):
+            ggn_diagonal(model, Gaussian(), x, y, method=method, **kw)
+    ggn_diagonal(model, Gaussian(), x, y, method="exact")  # runs from the products alone
+    ggn_blocks(model, Gaussian(), x, y)
+
+    class NoProducts(Layer):
+        def _forward(self, x):
+            return 2.0 * x
+
+    for method in ("exact", "sqrt"):
+        with pytest.raises(MissingRuleError, match=r"NoProducts\._vjp_input\(v\)"):
+            ggn_diagonal(Sequential(Linear(4, 3, rng=rng), NoProducts(), Linear(3, 3, rng=rng)), Gaussian(),
+                         x.reshape(BATCH, 4), y, method=method)
+
+
+def test_cost_estimate_covers_the_new_layers():
+    """Every method's table has a row per layer with positive bytes and FLOPs for the new layers, and the
+    approximate method stays linear in the pixels through ConvTranspose2d / AvgPool2d. Bug caught: the
+    transposed convolution's diagonal rule costed as the Layer default (a dense B d_out P Jacobian), which
+    refuses 'approx' on a decoder that fits easily."""
+    rng = np.random.default_rng(13)
+    model = Sequential(Conv2d(2, 4, 3, padding=1, rng=rng), ELU(), AvgPool2d(2), Softplus(),
+                       ConvTranspose2d(4, 2, 4, stride=2, padding=1, rng=rng), LeakyReLU())
+    for method in METHODS:
+        table = estimate_cost(model, (2, 8, 8), 4, method)
+        assert len(table.rows) == len(model.layers)
+        assert all(r.peak_bytes > 0 and r.flops > 0 for r in table.rows), method
+        assert "ConvTranspose2d" in str(table) and "AvgPool2d" in str(table)
+    small, large = (estimate_cost(model, (2, s, s), 4, "approx") for s in (8, 32))
+    assert 14 < large.peak_bytes / small.peak_bytes <= 16.5
+    assert 14 < large.total_flops / small.total_flops <= 16.5
+    (row,) = [r for r in large.rows if r.layer.startswith("ConvTranspose2d")]
+    dense_jp_bytes = 4 * row.d_out * row.params * large.itemsize  # what the Layer default would hold
+    assert row.peak_bytes < 0.1 * dense_jp_bytes, "approx through ConvTranspose2d costed as a dense J_p"

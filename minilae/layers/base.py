@@ -303,12 +303,15 @@ class Layer:
 
     # ---- dense Jacobians (small sizes: tests and tutorials) ----------------------------------
     def jac_input(self, x):
-        """Dense J_in = dy/dx per sample, shape (B, d_out, d_in)."""
-        raise NotImplementedError
+        """Dense J_in = dy/dx per sample, shape (B, d_out, d_in); default: J_in^T on the d_out unit vectors."""
+        self.forward(x)
+        return self.input_rows(x.dtype)
 
     def jac_params(self, x):
-        """Dense J_p = dy/dtheta per sample, shape (B, d_out, P)."""
+        """Dense J_p = dy/dtheta per sample, shape (B, d_out, P); default: J_p^T on the d_out unit vectors."""
         self.forward(x)
+        if self.num_params:
+            return self.param_rows(x.dtype)
         B, d_out = x.shape[0], prod(self.out_shape(tuple(x.shape[1:])))
         return array_module(x).zeros((B, d_out, 0), dtype=x.dtype)
 
