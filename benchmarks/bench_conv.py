@@ -8,6 +8,9 @@ For each Conv2d layer the work is three matrix products of the same size (im2col
 with M = B * H_out * W_out, K = C_in * kh * kw, N = C_out, so 3 * 2 M N K FLOPs per layer.
 The reference is a plain `A @ B` with A (M, K) and B (K, N), timed in the same run, so the ratio
 says how much of the machine's matmul speed the layer keeps after im2col/col2im and reshapes.
+At stride 1 the input product has two code paths (col2im, or a convolution of v with the flipped
+kernel, which Conv2d picks when C_out H W < C_in H_out W_out); both are timed in the same run and
+the factor col2im / convolution printed, the measurement that keeps the second path.
 
     python benchmarks/bench_conv.py                  # batch 64, 28x28, float32 and float64
     python benchmarks/bench_conv.py --repeats 20 --dtypes float32
@@ -111,9 +114,11 @@ def bench_dtype(dtype, batch, repeats, warmup, seed):
         t_fwd, t_in, t_par, t_mm = median_times(
             [lambda: layer.forward(h), lambda: layer.vjp_input(v), lambda: layer.vjp_params(v), lambda: A @ Bm],
             repeats, warmup)
-        rows.append(dict(layer=repr(layer), M=M, K=K, N=N, flops=3 * 2 * M * N * K,
-                         t_forward=t_fwd, t_vjp_input=t_in, t_vjp_params=t_par,
-                         t_conv=t_fwd + t_in + t_par, t_matmul_x3=3 * t_mm))
+        row = dict(layer=repr(layer), M=M, K=K, N=N, flops=3 * 2 * M * N * K,
+                   t_forward=t_fwd, t_vjp_input=t_in, t_vjp_params=t_par,
+                   t_conv=t_fwd + t_in + t_par, t_matmul_x3=3 * t_mm)
+        row.update(input_product_paths(layer, v, repeats, warmup))
+        rows.append(row)
     conv_flops = sum(r["flops"] for r in rows)
     t_conv = sum(r["t_conv"] for r in rows)
     t_mm = sum(r["t_matmul_x3"] for r in rows)
@@ -129,6 +134,18 @@ def bench_dtype(dtype, batch, repeats, warmup, seed):
                 conv_gflops=conv_flops / t_conv / 1e9, matmul_gflops=conv_flops / t_mm / 1e9,
                 ratio=t_mm / t_conv, peak_matmul_gflops=2 * n**3 / t_peak / 1e9,
                 conv_share_of_model=t_conv / t_model, t_by_layer_type=by_type)
+
+
+def input_product_paths(layer, v, repeats, warmup):
+    """Seconds of J_in^T v by col2im and by the flipped-kernel convolution (stride 1 only), in one run,
+    and which one the layer picks: the measurement that justifies keeping the second code path."""
+    if layer.stride != (1, 1):
+        return dict(path="col2im")
+    vk = v[:, None]
+    t_col2im, t_conv = median_times([lambda: layer._vjp_input_by_col2im(vk, layer.weight),
+                                     lambda: layer._vjp_input_as_convolution(vk, layer.weight)], repeats, warmup)
+    path = "convolution" if layer._transpose_is_a_convolution() else "col2im"
+    return dict(path=path, t_in_col2im=t_col2im, t_in_convolution=t_conv, col2im_over_convolution=t_col2im / t_conv)
 
 
 def other_runnable_tasks(samples=10, interval=0.05):
@@ -167,6 +184,11 @@ def print_report(res):
         print(f"{r['layer']:<66} {r['M']:>6} {r['K']:>4} {r['N']:>3} {r['t_forward'] * 1e3:7.2f} "
               f"{r['t_vjp_input'] * 1e3:7.2f} {r['t_vjp_params'] * 1e3:7.2f} "
               f"{r['flops'] / r['t_conv'] / 1e9:9.1f} {r['flops'] / r['t_matmul_x3'] / 1e9:8.1f}")
+    for r in res["conv_layers"]:
+        if "t_in_col2im" in r:
+            print(f"J_in^T v of {r['layer'][:40]}: col2im {r['t_in_col2im'] * 1e3:.2f} ms, convolution "
+                  f"{r['t_in_convolution'] * 1e3:.2f} ms (col2im / convolution = {r['col2im_over_convolution']:.2f}); "
+                  f"the layer uses {r['path']}")
     print(f"conv layers: {res['conv_flops'] / 1e6:.0f} MFLOP in {res['t_conv'] * 1e3:.1f} ms = "
           f"{res['conv_gflops']:.1f} GFLOP/s; same-size plain matmuls {res['matmul_gflops']:.1f} GFLOP/s; "
           f"ratio {res['ratio']:.0%} (target >= 25%)")

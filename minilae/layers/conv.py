@@ -135,6 +135,10 @@ class Conv2d(Layer):
         """T(kernel)^T v for v (B, K, C_out, Ho, Wo): the transposed convolution with any kernel of W's shape."""
         if self._transpose_is_a_convolution():
             return self._vjp_input_as_convolution(v, kernel)
+        return self._vjp_input_by_col2im(v, kernel)
+
+    def _vjp_input_by_col2im(self, v, kernel):
+        """T(kernel)^T v = col2im(kernel^T v): one product, then the scatter-add of the windows."""
         B, K, C_out = v.shape[:3]
         dcolsT = kernel.reshape(C_out, -1).T @ v.reshape(B, K, C_out, -1)  # (B, K, C*kh*kw, L)
         return self._col2im_T(dcolsT, tuple(self._x.shape[1:]))
