@@ -353,7 +353,8 @@ def check_batch(layer, x, check_finite: bool = True):
     if x.dtype.kind != "f":
         raise TypeError(f"{label(layer)}: input must be floating point, got {x.dtype}")
     if array_module(x) is not backend.xp():
-        raise TypeError(f"{label(layer)}: input lives on {array_module(x).__name__} but the backend is {backend.xp().__name__}; "
+        raise TypeError(f"{label(layer)}: input lives on {array_module(x).__name__} but the backend is "
+                        f"{backend.xp().__name__}; "
                         "move it with minilae.backend.asarray")
     if check_finite and not bool(array_module(x).isfinite(x).all()):
         raise ValueError(f"{label(layer)}: input contains NaN or inf; it would poison every gradient")
