@@ -582,6 +582,25 @@ def test_float32_stays_float32(rng):
     assert get_default_dtype() == np.float32
 
 
+def test_new_layers_stay_float32(rng):
+    """Bug caught: a float64 constant or mask (np.where with Python floats, an eye of the default dtype)
+    promoting float32 training arrays in the new layers' forward, products or diagonal rule."""
+    set_default_dtype(np.float32)
+    model = Sequential(ConvTranspose2d(1, 2, 3, stride=2, padding=1, output_padding=1, rng=rng), ELU(),
+                       AvgPool2d(2), LeakyReLU(0.1), Softplus(), Flatten(), Linear(32, 3, rng=rng))
+    x = asarray(rng.standard_normal((2, 1, 4, 4)), dtype=np.float32)
+    y = model(x)
+    v = xp().ones_like(y)
+    assert y.dtype == np.float32
+    assert model.vjp_input(v).dtype == np.float32
+    assert model.vjp_params(v).dtype == np.float32
+    for layer in model.layers[:-1]:
+        m = xp().ones((2,) + tuple(layer.out_shape(layer.last_input.shape[1:])), dtype=np.float32)
+        assert layer.backprop_diag(m).dtype == np.float32, layer
+        if layer.num_params:
+            assert layer.param_diag_from_diag(m).dtype == np.float32, layer
+
+
 # ---- parameters ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("layer_factory, sizes", [

@@ -12,8 +12,7 @@ from .base import Layer, diag_jacobian, prod
 class Elementwise(Layer):
     """y_i = sigma(x_i); the Jacobian is diagonal, diag(sigma'(x))."""
 
-    one_input_per_output = True
-    one_output_per_input = True
+    one_input_per_output = one_output_per_input = True  # J_in is diagonal
 
     def derivative(self, x):
         """sigma'(x), element-wise, same shape as x."""
