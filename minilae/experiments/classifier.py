@@ -5,7 +5,8 @@ the Categorical likelihood (cross-entropy) and Adam, cached once in the runs fol
   theta <- Adam step on mean_b -log p(y_b | x_b).
 
 The cache (``classifier.npz``, written with :func:`minilae.files.atomic_write`) stores theta and
-the configuration; a cache made for another dataset or architecture is refused.
+the configuration; a cache of another configuration (dataset, architecture, training size) is
+refused rather than silently reused or replaced.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..files import atomic_write
 from ..layers import Flatten, Linear, Sequential, Tanh
 from ..losses import Categorical
 from ..optim import Adam
+from .runs import ExperimentError
 
 __all__ = ["Classifier", "load_or_train", "CACHE"]
 
@@ -71,9 +73,10 @@ def load_or_train(folder, dataset="mnist", hidden=256, epochs=5, limit_train=Non
         with np.load(path) as f:
             stored = json.loads(str(f["config"]))
             theta = f["theta"]
-        if stored["dataset"] != dataset or stored["hidden"] != hidden:
-            raise ValueError(f"{path} is a classifier of {stored['dataset']} with {stored['hidden']} hidden units, "
-                             f"not {dataset} with {hidden}; use another --runs folder")
+        wrong = [f"{k}: cached {stored.get(k)!r}, asked {v!r}" for k, v in config.items() if stored.get(k) != v]
+        if wrong:
+            raise ExperimentError(f"{path} is a classifier of another configuration ({'; '.join(wrong)}); use another "
+                             "--runs folder, or the cached classifier's flags")
         clf.net.set_params(asarray(theta, dtype=clf.net.get_params().dtype))
         log(f"reusing the classifier {path} ({stored})")
         return clf, stored

@@ -91,6 +91,8 @@ def build_parser():
     _common(t)
     t.add_argument("--limit-test", type=_positive, default=1000, help="MNIST test images to impute")
     t.add_argument("--steps", type=_positive, default=5, help="encode-decode steps of each first-stage chain")
+    t.add_argument("--chains", type=_positive, default=5, help="first-stage chains (imputations per image)")
+    t.add_argument("--refine", type=_positive, default=5, help="second-stage passes averaged per imputation")
     t.add_argument("--classifier-epochs", type=_positive, default=5, help="epochs of the cached classifier")
     t = sub.add_parser("knn", help="semi-supervised KNN on the latent codes (Fig. 12)")
     _common(t)
@@ -130,17 +132,17 @@ def run_imputation(args, methods, out, log):
                                     limit_train=args.limit_train, seed=args.seed, data_root=args.data_root, log=log)
     mask = imputation.lower_half_mask(x.shape[1:])
     rng = backend.xp().random.default_rng(args.seed)
+    chain = {"chains": args.chains, "steps": args.steps, "refine": args.refine}
     rows, imputations, generations, start = {}, {}, {}, None
     for m, p in predictors.items():
-        rows[m], imputations[m], start = imputation.evaluate(p, clf, x, y, mask, rng, steps=args.steps,
-                                                              noise_seed=args.seed)
-        generations[m] = imputation.impute(p, np.zeros_like(x[:8]), np.zeros_like(mask), rng, steps=args.steps,
-                                           noise_seed=args.seed + 1)[0]
+        rows[m], imputations[m], start = imputation.evaluate(p, clf, x, y, mask, rng, noise_seed=args.seed, **chain)
+        generations[m] = imputation.impute(p, np.zeros_like(x[:8]), np.zeros_like(mask), rng,
+                                           noise_seed=args.seed + 1, **chain)[0]
     rows = {"classifier": imputation.classifier_alone(clf, start, y), **rows}
     figures = imputation.figures(out, x, start, imputations, generations)
-    table = {"task": "imputation", "n_images": len(x), "steps": args.steps, "classifier": clf_config,
+    table = {"task": "imputation", "n_images": len(x), **chain, "classifier": clf_config,
              "rows": rows, "figures": figures}
-    return table, imputation.table_markdown(rows, len(x))
+    return table, imputation.table_markdown(rows, len(x), args.chains)
 
 
 def run_knn(args, methods, out, log):

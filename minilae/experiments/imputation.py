@@ -70,8 +70,8 @@ def classifier_alone(classifier, start, y):
     return {**metrics.calibration(classifier.probs(start), y), "mse": None, "log_px": None}
 
 
-def table_markdown(rows, n_images):
-    return (f"Imputation of the upper half of {n_images} MNIST test images (5 imputations per image)\n\n"
+def table_markdown(rows, n_images, chains):
+    return (f"Imputation of the upper half of {n_images} MNIST test images ({chains} imputations per image)\n\n"
             + markdown_table(["method", *COLUMNS], [[m] + [r[c] for c in COLUMNS] for m, r in rows.items()]))
 
 
