@@ -15,7 +15,7 @@ from minilae.experiments import cli, imputation, knn, ood, runs
 
 
 class FakePredictor:
-    """Predictor contract on a linear map: reconstruction r_k(x) = 0.5 x + k-th noise draw; codes = x[:, :2]."""
+    """Predictor contract on a linear map: reconstruction r_k(x) = 0.5 x + k-th noise draw; codes_k = (k + 1) x[:, :2] + k."""
 
     stochastic, latent_size, input_shape = True, 2, (1, 4, 4)
 
@@ -29,7 +29,7 @@ class FakePredictor:
 
     def sample_codes(self, x, n_samples, rng=None, batch_size=500):
         flat = asarray(x.reshape(len(x), -1)[:, :2])
-        return xp().stack([flat + k for k in range(n_samples)])
+        return xp().stack([flat * (k + 1) + k for k in range(n_samples)])  # draws differ in scale and shift
 
 
 def test_impute_chain_follows_the_schedule():

@@ -60,6 +60,15 @@ def test_ranking_metrics_match_brute_force(seed, n, levels):
     assert np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2) == pytest.approx(brute_auroc(labels, scores), abs=1e-12)
 
 
+def test_fpr_at_exactly_95_percent_tpr():
+    """TPR reaches 0.95 exactly at t = 11 (19 of 20 positives): FPR counts negatives >= 11 (none). Catches a
+    strict TPR > 0.95 rule, which takes the next threshold (10) and counts the negative at 10.5."""
+    labels = np.r_[np.ones(20, int), np.zeros(3, int)]
+    scores = np.r_[np.arange(10.0, 30.0), [9.5, 10.5, 5.0]]
+    assert metrics.fpr_at_tpr(labels, scores) == 0.0 == brute_fpr95(labels, scores)
+    assert metrics.fpr_at_tpr(labels, scores, tpr=1.0) == pytest.approx(1 / 3)
+
+
 def test_ranking_degenerate_values():
     """All scores equal: AUROC exactly 0.5 (documented), AP = positive rate, FPR@95 = 1; perfect and reversed
     separation: 1 and 0. Catches a tie rule that favours either class."""
