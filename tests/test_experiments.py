@@ -174,14 +174,15 @@ def test_restarted_task_reuses_finished_runs(trained, tmp_path):
 @pytest.mark.slow
 @pytest.mark.backends("numpy")
 def test_bad_input(trained, tmp_path, capsys):
-    """Unknown task or method (2), n larger than a class (2, before training anything), an occupied --out (2),
-    a runs folder of another dataset/model (1)."""
+    """Unknown task or method (2), n larger than a class (2, before training or writing anything), an occupied
+    --out (2), a runs folder of another dataset/model or a method's folder holding another method's run (1)."""
     runs_dir, outs = trained
     assert cli.main(["segmentation"]) == 2
     assert cli.main(command("knn", tmp_path / "r", tmp_path / "o", "--methods", "ae,gan")) == 2
     assert "unknown method(s) gan" in capsys.readouterr().err
     assert cli.main(command("knn", tmp_path / "r", tmp_path / "o", "--labels", "1,30")) == 2
-    assert "labels per class [30]" in capsys.readouterr().err and not (tmp_path / "r").exists()
+    assert "labels per class [30]" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "o").exists()  # nothing trained or written
     assert cli.main(command("knn", runs_dir, outs["knn"])) == 2
     assert "already holds files" in capsys.readouterr().err
     wrong = tmp_path / "wrong"
@@ -189,3 +190,6 @@ def test_bad_input(trained, tmp_path, capsys):
     assert cli.main(command("ood", wrong, tmp_path / "o2", "--methods", "ae")) == 1
     err = capsys.readouterr().err
     assert "holds a run of another experiment" in err and "dataset: stored 'mnist'" in err
+    shutil.copytree(runs_dir / "knn-mnist-mlp" / "ae", tmp_path / "swapped" / "knn-mnist-mlp" / "online")
+    assert cli.main(command("knn", tmp_path / "swapped", tmp_path / "o3", "--methods", "online")) == 1
+    assert "method: stored 'ae'" in capsys.readouterr().err

@@ -112,20 +112,19 @@ def _images(name, split, limit, root):
     return (x, y) if limit is None else (x[:limit], y[:limit])
 
 
-def run_ood(args, methods, out, log):
+def run_ood(args, methods, log):
     in_name, out_name = ood.datasets(args.reverse)
     x_in = _images(in_name, "test", args.limit_test, args.data_root)[0]
     x_out = _images(out_name, "test", args.limit_test, args.data_root)[0]
     x_held = _images(in_name, "val", args.limit_test, args.data_root)[0]
     predictors = ensure_runs(_spec(args, "ood", in_name, "conv"), methods, args.runs, log)
     results = {m: ood.evaluate(p, x_in, x_out, x_held, args.samples, args.seed) for m, p in predictors.items()}
-    figures = ood.figures(results, out, in_name, out_name)
     table = {"task": "ood", "in": in_name, "out": out_name, "n_in": len(x_in), "n_out": len(x_out),
-             "metrics": {m: r["metrics"] for m, r in results.items()}, "figures": figures}
-    return table, ood.table_markdown(results, in_name, out_name)
+             "metrics": {m: r["metrics"] for m, r in results.items()}}
+    return table, ood.table_markdown(results, in_name, out_name), lambda o: ood.figures(results, o, in_name, out_name)
 
 
-def run_imputation(args, methods, out, log):
+def run_imputation(args, methods, log):
     x, y = _images("mnist", "test", args.limit_test, args.data_root)
     predictors = ensure_runs(_spec(args, "imputation", "mnist", "mlp"), methods, args.runs, log)
     clf, clf_config = load_or_train(Path(args.runs) / "imputation-mnist-mlp", epochs=args.classifier_epochs,
@@ -139,22 +138,20 @@ def run_imputation(args, methods, out, log):
         generations[m] = imputation.impute(p, np.zeros_like(x[:8]), np.zeros_like(mask), rng,
                                            noise_seed=args.seed + 1, **chain)[0]
     rows = {"classifier": imputation.classifier_alone(clf, start, y), **rows}
-    figures = imputation.figures(out, x, start, imputations, generations)
-    table = {"task": "imputation", "n_images": len(x), **chain, "classifier": clf_config,
-             "rows": rows, "figures": figures}
-    return table, imputation.table_markdown(rows, len(x), args.chains)
+    table = {"task": "imputation", "n_images": len(x), **chain, "classifier": clf_config, "rows": rows}
+    return (table, imputation.table_markdown(rows, len(x), args.chains),
+            lambda o: imputation.figures(o, x, start, imputations, generations))
 
 
-def run_knn(args, methods, out, log):
+def run_knn(args, methods, log):
     x, y = _images("mnist", "val", args.limit_val, args.data_root)
     knn.check_labels(y, args.labels)
     predictors = ensure_runs(_spec(args, "knn", "mnist", "mlp"), methods, args.runs, log)
     results = {m: knn.evaluate(knn.embed(p, x, args.samples, args.seed), y, args.labels, args.repetitions,
                                args.seed) for m, p in predictors.items()}
-    figures = knn.figure(results, out)
     table = {"task": "knn", "n_val": len(x), "repetitions": args.repetitions, "embedding_samples": args.samples,
-             "results": {m: {str(n): v for n, v in r.items()} for m, r in results.items()}, "figures": figures}
-    return table, knn.table_markdown(results, len(x))
+             "results": {m: {str(n): v for n, v in r.items()} for m, r in results.items()}}
+    return table, knn.table_markdown(results, len(x)), lambda o: knn.figure(results, o)
 
 
 RUNNERS = {"ood": run_ood, "imputation": run_imputation, "knn": run_knn}
@@ -169,9 +166,10 @@ def run(args, log=print):
         backend.set_backend(args.backend)
     out = prepare_out(args.out or Path("results") / args.task, args.overwrite)
     start = time.perf_counter()
-    table, markdown = RUNNERS[args.task](args, methods, out, log)
-    table.update(command="python -m minilae.experiments " + " ".join(sys.argv[1:] if args.argv is None else args.argv),
-                 seconds=time.perf_counter() - start, methods=methods)
+    table, markdown, draw = RUNNERS[args.task](args, methods, log)
+    out.mkdir(parents=True, exist_ok=True)
+    command = "python -m minilae.experiments " + " ".join(sys.argv[1:] if args.argv is None else args.argv)
+    table.update(figures=draw(out), command=command, seconds=time.perf_counter() - start, methods=methods)
     write_table(out, table, markdown, log=print)
     return table
 
@@ -190,6 +188,10 @@ def main(argv=None):
     except (ExperimentError, DataError, CheckpointError, BackendError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted; the same command continues: finished runs are reused, an interrupted one resumed",
+              file=sys.stderr)
+        return 130
     except ValueError as err:  # bad input: checked before anything is trained or written
         print(f"python -m minilae.experiments {args.task}: error: {err}", file=sys.stderr)
         return 2

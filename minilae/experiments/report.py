@@ -18,15 +18,15 @@ __all__ = ["prepare_out", "write_table", "markdown_table", "new_figure", "save_f
 
 
 def prepare_out(out, overwrite):
-    """Create out (or accept an empty one / any with overwrite); ValueError if it holds files and not overwrite."""
+    """Check out before any work: absent, empty, or (with overwrite) any folder; ValueError otherwise.
+    It is created only when the results are written (a failed experiment leaves no folder)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise ValueError(f"--out {out} already holds files: pass --overwrite to replace the experiment's table "
                          "and figures there, or choose another --out")
-    out.mkdir(parents=True, exist_ok=True)
-    if not is_writable(out):
+    if out.is_dir() and not is_writable(out):
         raise ValueError(f"--out {out} is not writable")
     return out
 

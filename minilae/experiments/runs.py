@@ -47,11 +47,11 @@ def check_methods(methods):
     return [m for m in train.METHODS if m in methods]
 
 
-def _check_identity(predictor, spec, folder):
+def _check_identity(predictor, spec, method, folder):
     wrong = [f"{k}: stored {predictor.config.get(k)!r}, this experiment needs {spec[k]!r}"
              for k in RunSpec.IDENTITY if predictor.config.get(k) != spec[k]]
-    if predictor.method != predictor.config.get("method", predictor.method):
-        wrong.append(f"method: stored {predictor.config.get('method')!r}")
+    if predictor.method != method:
+        wrong.append(f"method: stored {predictor.method!r}, the folder is {method!r}'s")
     if wrong:
         raise ExperimentError(f"{folder} holds a run of another experiment ({'; '.join(wrong)}); use another "
                               "--runs folder")
@@ -64,6 +64,8 @@ def _train(argv, log):
         status = train.main(argv)
     finally:
         backend.set_backend(current)
+    if status in (130, 143):  # Ctrl-C / SIGTERM: the run kept its checkpoint; the next call resumes it
+        raise KeyboardInterrupt
     if status != 0:
         raise ExperimentError(f"python -m minilae.train {' '.join(argv)} failed with exit status {status}")
     log(f"trained: python -m minilae.train {' '.join(argv)}")
@@ -75,7 +77,7 @@ def ensure_run(spec, method, runs_root, log=print):
     finished = (folder / train.METRICS).is_file()
     interrupted = not finished and (folder / train.CHECKPOINT).is_file()
     if finished or interrupted:
-        _check_identity(load_run(folder), spec, folder)
+        _check_identity(load_run(folder), spec, method, folder)
     if finished:
         log(f"reusing the finished run {folder}")
     elif interrupted:
