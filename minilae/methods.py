@@ -42,7 +42,7 @@ from .validation import positive_int
 
 __all__ = ["METHODS", "CHECKPOINT", "Predictor", "NetworkPredictor", "DropoutPredictor", "EnsemblePredictor",
            "VAEPredictor", "Prediction", "load_run", "build_network", "method_likelihood", "member_seed",
-           "predictor_from_state"]
+           "make_predictor", "predictor_from_state", "stored_posterior"]
 
 METHODS = ("ae", "posthoc", "online", "ae-var", "vae", "mc-dropout", "ensemble")
 CHECKPOINT = "checkpoint.npz"
@@ -302,39 +302,45 @@ class VAEPredictor(Predictor):
 # ----------------------------------------------------------------------------------------------
 # run folders
 
+def stored_posterior(p, dtype):
+    """The post-hoc posterior a checkpoint stores ({"mean", "ggn", "prior_precision"}) on the backend."""
+    return DiagonalLaplace(asarray(p["mean"], dtype=dtype), asarray(p["ggn"], dtype=dtype), p["prior_precision"])
+
+
+def make_predictor(method, config, network, posterior=None, thetas=None):
+    """The Predictor of a trained network (its parameters set) of a method; thetas: the ensemble's members."""
+    if method == "ensemble":
+        return EnsemblePredictor(method, config, network, thetas)
+    if method == "vae":
+        return VAEPredictor(method, config, network)
+    if method == "mc-dropout":
+        return DropoutPredictor(method, config, network)
+    return NetworkPredictor(method, config, network, posterior, method_likelihood(method))
+
+
 def predictor_from_state(state, args, signature, path="checkpoint"):
     """The Predictor of a run's checkpoint state (finished or interrupted), built as the run built it."""
     method = args["method"]
-    input_shape, latent_size = tuple(signature["input_shape"]), int(signature["latent_size"])
-
-    def network(seed):
-        net = build_network(method, signature["model"], input_shape, latent_size, seed, args.get("dropout", 0.0))
-        check_signature(signature, model_signature(net, signature["model"]), path)
-        return net
-
+    seed = member_seed(args["seed"], 0) if method == "ensemble" else args["seed"]
+    net = build_network(method, signature["model"], tuple(signature["input_shape"]), int(signature["latent_size"]),
+                        seed, args.get("dropout", 0.0))
+    check_signature(signature, model_signature(net, signature["model"]), path)
+    dtype = net.get_params().dtype
     if method == "ensemble":
-        members = [m["trainer"]["theta"] for m in state.get("members", [])]
+        members = [m["trainer"]["theta"] for m in state["members"]]
         if not members and state.get("current") is not None:  # interrupted inside the first member
-            members = [state["current"]["trainer"]["theta"]]
+            members = [state["current"]["state"]["trainer"]["theta"]]
         if not members:
             raise CheckpointError(f"{path} holds no trained ensemble member yet")
-        return EnsemblePredictor(method, args, network(member_seed(args["seed"], 0)), members)
-    net = network(args["seed"])
+        return make_predictor(method, args, net, thetas=members)
     trainer = state["trainer"]
-    net.set_params(asarray(trainer["theta"], dtype=net.get_params().dtype))
-    if method == "vae":
-        return VAEPredictor(method, args, net)
-    if method == "mc-dropout":
-        return DropoutPredictor(method, args, net)
+    net.set_params(asarray(trainer["theta"], dtype=dtype))
     posterior = None
-    dtype = net.get_params().dtype
     if state.get("posterior") is not None:  # post-hoc
-        p = state["posterior"]
-        posterior = DiagonalLaplace(asarray(p["mean"], dtype=dtype), asarray(p["ggn"], dtype=dtype),
-                                    p["prior_precision"])
+        posterior = stored_posterior(state["posterior"], dtype)
     elif trainer.get("H") is not None:  # online: the trainer's q_t
         posterior = DiagonalLaplace(net.get_params(), asarray(trainer["H"], dtype=dtype), trainer["prior_precision"])
-    return NetworkPredictor(method, args, net, posterior, method_likelihood(method))
+    return make_predictor(method, args, net, posterior)
 
 
 def load_run(run_dir, method=None) -> Predictor:

@@ -119,11 +119,12 @@ def test_end_to_end_on_mnist(method, tmp_path, capsys, monkeypatch):
     state, _ = load_checkpoint(out / "checkpoint.npz")
     assert state["stage"] == "done" and state["epoch"] == 2
 
-    model, posterior, args = train.load_run(out)  # what a notebook does with a finished run
-    np.testing.assert_array_equal(model.get_params(), state["trainer"]["theta"])
-    assert args["method"] == method and (posterior is None) == (method == "ae")
-    if posterior is not None:
-        assert posterior.prior_precision == metrics["posterior"]["prior_precision"]
+    predictor = train.load_run(out)  # what a notebook does with a finished run
+    np.testing.assert_array_equal(predictor.model.get_params(), state["trainer"]["theta"])
+    assert predictor.method == predictor.config["method"] == method
+    assert (predictor.posterior is None) == (method == "ae") and predictor.stochastic == (method != "ae")
+    if predictor.posterior is not None:
+        assert predictor.posterior.prior_precision == metrics["posterior"]["prior_precision"]
 
 
 @pytest.mark.slow
