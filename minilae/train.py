@@ -430,20 +430,16 @@ def _load_images(name, split, limit, root):
 
 
 class DropoutTrainer(MAPTrainer):
-    """MAP training of the MC-dropout AE: dropout on in the step, off for validation. The masks come from the
-    layers' generators reseeded from the epoch's backend generator at every step, so a resumed run draws the
-    same masks as an uninterrupted one."""
+    """MAP training of the MC-dropout AE (MAPTrainer runs its forward in training mode, the validation in
+    evaluation mode). The masks are drawn from the epoch's backend generator, which fit derives from (seed,
+    epoch), so a resumed run draws the same masks as an uninterrupted one."""
 
     method = "mc-dropout"
 
     def step(self, x, rng=None):
-        """One minibatch with fresh dropout masks (drawn from rng)."""
+        """One minibatch; its dropout masks come from rng."""
         self.model.reseed_dropout(rng)
-        self.model.train(True)
-        try:
-            return super().step(x, rng)
-        finally:
-            self.model.eval()
+        return super().step(x, rng)
 
 
 def _make_trainer(config, model, n_train):
