@@ -151,7 +151,8 @@ class Predictor:
 
     def n_draws(self, n_samples):
         """K of predict: n_samples for a stochastic method, 1 for a deterministic one."""
-        return positive_int(n_samples, "n_samples") if self.stochastic else 1
+        n_samples = positive_int(n_samples, "n_samples")
+        return n_samples if self.stochastic else 1
 
     def _sampled_draws(self, n_samples, seed):
         """The draws of sample_codes / sample_reconstructions (K = n_samples, 1 if not stochastic)."""
