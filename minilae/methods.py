@@ -103,7 +103,7 @@ class _VAEDraw:
     def sample(self, x):
         """(mu, e^s, z ~ q(z | x))."""
         mu, logvar = self.vae.encode_stats(x)
-        eps = self.rng.standard_normal(mu.shape, dtype=mu.dtype)
+        eps = self.rng.standard_normal(mu.shape).astype(mu.dtype, copy=False)  # as VAE.sample_latent draws it
         return mu, xp().exp(logvar), mu + xp().exp(0.5 * logvar) * eps
 
     def encode(self, x):
