@@ -153,8 +153,9 @@ def test_own_variances_add_by_the_law_of_total_variance(rng):
 
 
 def test_an_error_mid_prediction_puts_the_parameters_back(rng, monkeypatch):
-    """Catches the sampled network left in the model when a prediction fails part-way (the draws' generator
-    must be closed at once, not whenever it is garbage-collected)."""
+    """Catches the sampled network left in the model when a prediction fails part-way: the draws' generator
+    must be closed at once, not when it is garbage-collected - which never happens while the exception is kept
+    (as a notebook keeps the last traceback; here: `failure`)."""
     model, posterior, x = setup(rng)
     theta = backend.to_numpy(model.get_params())
     calls = []
@@ -167,6 +168,7 @@ def test_an_error_mid_prediction_puts_the_parameters_back(rng, monkeypatch):
         return real_decode(z)
 
     monkeypatch.setattr(model, "decode", failing_decode)
-    with pytest.raises(RuntimeError, match="out of memory"):
+    with pytest.raises(RuntimeError, match="out of memory") as failure:
         predict(model, x, posterior, n_samples=5, rng=1)
     np.testing.assert_array_equal(backend.to_numpy(model.get_params()), theta)
+    assert failure.value.__traceback__ is not None  # still held
