@@ -83,7 +83,7 @@ from .methods import METHODS, build_network, load_run, make_predictor, member_se
 from .online import DEFAULT_ALPHA, HESSIAN_METHODS, OnlineLaplace
 from .optim import Adam
 from .posthoc import fit_posthoc
-from .training import (CheckpointError, MAPTrainer, TrainingDivergedError, check_signature, fit,
+from .training import (DIVERGENCE_HINT, CheckpointError, MAPTrainer, TrainingDivergedError, check_signature, fit,
                        load_checkpoint, model_signature, save_checkpoint)
 
 __all__ = ["main", "build_parser", "load_run", "METHODS", "DEFAULTS", "RUN_KEYS", "POSTHOC_KEYS"]
@@ -684,10 +684,15 @@ def _train(config, trainer, data, stored_config, resume_state, stored_args, trai
     if train:
         if resume_state is not None and resume_state.get("stage") == "done":
             log(f"the run finished after epoch {resume_state['epoch']}: training on to epoch {config['epochs']}")
-        return fit(trainer, data["train"], data["val"], epochs=config["epochs"], batch_size=config["batch_size"],
-                   seed=config["seed"], lr_patience=config["lr_patience"], stop_patience=config["stop_patience"],
-                   checkpoint=Path(config["out"]) / CHECKPOINT, config=stored_config, resume=resume_state,
-                   progress=not config["quiet"], log=log)
+        try:
+            return fit(trainer, data["train"], data["val"], epochs=config["epochs"],
+                       batch_size=config["batch_size"], seed=config["seed"], lr_patience=config["lr_patience"],
+                       stop_patience=config["stop_patience"], checkpoint=Path(config["out"]) / CHECKPOINT,
+                       config=stored_config, resume=resume_state, progress=not config["quiet"], log=log)
+        except ValueError as err:  # ae-var: the likelihood refuses a log-variance whose e^(+-s) overflows
+            if config["method"] != "ae-var" or "overflows" not in str(err):
+                raise
+            raise TrainingDivergedError(f"training diverged: the decoder's {err}. {DIVERGENCE_HINT}") from None
     trainer.load_state_dict(resume_state["trainer"])
     if new_posterior:
         changed = [f"--{k.replace('_', '-')} {config[k]}" for k in POSTHOC_KEYS if config[k] != stored_args.get(k)]
