@@ -36,7 +36,7 @@ from .backend import asarray, xp
 from .laplace import DiagonalLaplace
 from .losses import Gaussian, get_likelihood
 from .models import build_model
-from .predictive import ModelDraw, Pass, Prediction, decode_draws, network_seed, predict_draws
+from .predictive import ModelDraw, Pass, Prediction, decode_draws, laplace_draws, network_seed, predict_draws
 from .training import CheckpointError, check_signature, load_checkpoint, model_signature
 from .validation import positive_int
 
@@ -212,16 +212,7 @@ class NetworkPredictor(Predictor):
 
     def _draws(self, n_samples, seed):
         """theta_k ~ q(theta), k = 1..K, set into the model (the MAP network once without a posterior)."""
-        if self.posterior is None:
-            yield self._draw
-            return
-        theta0, rng = self.model.get_params(), xp().random.default_rng(seed)
-        try:
-            for _ in range(n_samples):
-                self.model.set_params(self.posterior.sample(1, rng)[0])
-                yield self._draw
-        finally:
-            self.model.set_params(theta0)
+        return laplace_draws(self.model, self.posterior, self._draw, n_samples, seed)
 
 
 class DropoutPredictor(Predictor):

@@ -43,7 +43,7 @@ from .losses import Gaussian, get_likelihood
 from .validation import positive_int
 
 __all__ = ["Prediction", "Pass", "predict", "predict_decoder", "predict_draws", "decode_draws", "network_seed",
-           "ModelDraw"]
+           "ModelDraw", "laplace_draws"]
 
 
 class _Moments:
@@ -127,23 +127,19 @@ class ModelDraw:
         return self.likelihood.mean(self.model.decode(z)), None
 
 
-def _laplace_draws(model, posterior, likelihood):
-    """draws(seed) of a model and a posterior: theta_k ~ q(theta) set into the model (the model unchanged
-    without a posterior); the original parameters are put back when the draws end."""
-    draw = ModelDraw(model, likelihood)
-
-    def draws(seed, n_samples):
-        if posterior is None:
+def laplace_draws(model, posterior, draw, n_samples, seed):
+    """Yield draw after setting theta_k ~ q(theta), k = 1..K (from xp().random.default_rng(seed)), into the model;
+    without a posterior once, the model unchanged. The original parameters are put back when the draws end."""
+    if posterior is None:
+        yield draw
+        return
+    theta0, rng = model.get_params(), xp().random.default_rng(seed)
+    try:
+        for _ in range(int(n_samples)):
+            model.set_params(posterior.sample(1, rng)[0])
             yield draw
-            return
-        theta0, rng = model.get_params(), xp().random.default_rng(seed)
-        try:
-            for _ in range(int(n_samples)):
-                model.set_params(posterior.sample(1, rng)[0])
-                yield draw
-        finally:
-            model.set_params(theta0)
-    return draws
+    finally:
+        model.set_params(theta0)
 
 
 def _check_inputs(n_samples, batch_size):
@@ -262,8 +258,8 @@ def predict(model, x, posterior=None, n_samples=100, rng=None, batch_size=500, l
     """
     _check_inputs(n_samples, batch_size)
     likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
-    seed, draws = network_seed(rng), _laplace_draws(model, posterior, likelihood)
-    return predict_draws(lambda: draws(seed, n_samples), x, model.latent_size, model.get_params().dtype,
+    seed, draw = network_seed(rng), ModelDraw(model, likelihood)
+    return predict_draws(lambda: laplace_draws(model, posterior, draw, n_samples, seed), x, model.latent_size, model.get_params().dtype,
                          batch_size, memory_budget)
 
 
@@ -274,6 +270,6 @@ def predict_decoder(model, z, posterior=None, n_samples=100, rng=None, batch_siz
     """
     _check_inputs(n_samples, batch_size)
     likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
-    seed, draws = network_seed(rng), _laplace_draws(model, posterior, likelihood)
-    return decode_draws(lambda: draws(seed, n_samples), z, model.latent_size, model.input_shape,
+    seed, draw = network_seed(rng), ModelDraw(model, likelihood)
+    return decode_draws(lambda: laplace_draws(model, posterior, draw, n_samples, seed), z, model.latent_size, model.input_shape,
                         model.get_params().dtype, batch_size)

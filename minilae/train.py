@@ -74,7 +74,7 @@ from pathlib import Path
 import numpy as np  # host-side: data subsets, metrics and plots
 
 from . import backend
-from .backend import BackendError, asarray, to_numpy
+from .backend import BackendError, to_numpy
 from .data import DataError, load_dataset
 from .files import atomic_write, is_writable, stale_temp_files
 from .hessian import MemoryBudgetError, estimate_cost
