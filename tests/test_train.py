@@ -295,6 +295,7 @@ def test_overwrite_replaces_only_the_run_files(finished_run, tmp_path, capsys, m
     monkeypatch.setenv("MINILAE_DATA", data_root())
     run_dir = copy_run(finished_run, tmp_path)
     (run_dir / "latent.png").write_bytes(b"old figure")
+    (run_dir / "member.npz").write_bytes(b"an ensemble member's epoch checkpoint")
     (run_dir / "notes.txt").write_text("mine")
     assert train.main([*TINY, "--method", "ae", "--out", str(run_dir), "--overwrite"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["config"]["method"] == "ae"
@@ -736,3 +737,19 @@ def test_an_ensemble_interrupted_inside_its_second_member_continues_there(baseli
         np.testing.assert_array_equal(a["members"][m]["trainer"]["theta"], b["members"][m]["trainer"]["theta"])
     assert [(r["member"], r["val_mse"]) for r in a["history"]] == [(r["member"], r["val_mse"]) for r in b["history"]]
     assert json.loads((full / "metrics.json").read_text())["val"] == json.loads((cut / "metrics.json").read_text())["val"]
+
+
+@pytest.mark.slow
+def test_a_finished_ensemble_trains_on_as_one_longer_run(baseline_runs, tmp_path, monkeypatch):
+    """Catches --resume --epochs N on a finished ensemble re-evaluating it unchanged, or training its members on
+    from their best epoch instead of their last (the result would differ from a 3-epoch ensemble)."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    run_dir = copy_run(baseline_runs["ensemble"][0], tmp_path)
+    flags = [f if f != "2" or i != 1 else "3" for i, f in enumerate(SMALL)]  # --epochs 3
+    assert train.main(["--method", "ensemble", *flags, "--no-plots", "--out", str(tmp_path / "full")]) == 0
+    assert train.main(["--out", str(run_dir), "--resume", "--epochs", "3", "--no-plots", "--quiet"]) == 0
+    a, _ = load_checkpoint(tmp_path / "full" / "checkpoint.npz")
+    b, _ = load_checkpoint(run_dir / "checkpoint.npz")
+    assert b["epoch"] == 3 and [s["epoch"] for s in b["members"]] == [3, 3]
+    for m in range(2):
+        np.testing.assert_array_equal(a["members"][m]["trainer"]["theta"], b["members"][m]["trainer"]["theta"])
