@@ -79,7 +79,8 @@ from .data import DataError, load_dataset
 from .files import atomic_write, is_writable, stale_temp_files
 from .hessian import MemoryBudgetError, estimate_cost
 from .hessian.chain import BUDGET_FRACTION, format_bytes, resolve_budget
-from .methods import METHODS, build_network, load_run, make_predictor, member_seed, method_likelihood, stored_posterior
+from .methods import (CHECKPOINT, METHODS, build_network, load_run, make_predictor, member_seed, method_likelihood,
+                      stored_posterior)
 from .online import DEFAULT_ALPHA, HESSIAN_METHODS, OnlineLaplace
 from .optim import Adam
 from .posthoc import fit_posthoc
@@ -89,7 +90,6 @@ from .training import (DIVERGENCE_HINT, CheckpointError, MAPTrainer, TrainingDiv
 __all__ = ["main", "build_parser", "load_run", "METHODS", "DEFAULTS", "RUN_KEYS", "POSTHOC_KEYS"]
 
 DATASETS = ("mnist", "fashionmnist")
-CHECKPOINT = "checkpoint.npz"
 MEMBER = "member.npz"  # the epoch checkpoint of the ensemble member in training
 METRICS = "metrics.json"
 FIGURES = ("reconstructions.png", "latent.png")
