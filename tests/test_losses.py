@@ -445,3 +445,24 @@ def test_heteroscedastic_bad_shapes_raise():
         lik.mean(asarray(np.zeros(4)))
     with pytest.raises(ValueError, match="f contains 1 non-finite"):
         lik.variance(asarray(np.array([[0.0, np.nan]])))
+
+
+@pytest.mark.parametrize("method", ["approx", "sqrt"])
+def test_heteroscedastic_ggn_of_the_hessian_engine_is_the_fisher_ggn(method, rng):
+    """The engine's 'approx' and 'sqrt' diagonals read hess_diag / hess_sqrt, so for this likelihood they give the
+    PSD GGN sum_b J_b^T F_b J_b with the Fisher F (exact here: two Linear layers, M diagonal at the output), not
+    the true Hessian's J^T H J. Catches hess_diag / hess_sqrt handing the engine the indefinite true Hessian
+    (negative GGN entries would make a Laplace precision invalid)."""
+    from minilae.hessian import ggn_diagonal  # noqa: PLC0415
+    from minilae.layers import Linear, Sequential, Tanh  # noqa: PLC0415
+    model = Sequential(Linear(3, 5, rng=rng), Tanh(), Linear(5, 4, rng=rng))
+    x, y = asarray(rng.standard_normal((6, 3))), asarray(3 * rng.standard_normal((6, 2)))
+    lik = HeteroscedasticGaussian()
+    f = model(x)
+    J = model.jac_params(x)
+    fisher_ggn = xp().einsum("bdp,bde,bep->p", J, lik.fisher(f), J)
+    true_ggn = xp().einsum("bdp,bde,bep->p", J, lik.hess(f, y), J)
+    assert float(xp().abs(fisher_ggn - true_ggn).max()) > 0.1  # the two really differ at these targets
+    G = ggn_diagonal(model, lik, x, y, method=method)
+    assert_close(G, fisher_ggn, 1e-12, f"ggn_diagonal(method={method!r}) vs J^T F J")
+    assert float(G.min()) >= 0
