@@ -85,9 +85,7 @@ def ensure_run(spec, method, runs_root, log=print):
         _train(["--out", str(folder), "--resume", "--quiet", "--no-plots"], log)
     else:
         _train(spec.train_argv(method, folder), log)
-    predictor = load_run(folder)
-    backend.set_default_dtype(predictor.model.get_params().dtype)
-    return predictor
+    return load_run(folder)
 
 
 def ensure_runs(spec, methods, runs_root, log=print):
