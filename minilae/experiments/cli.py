@@ -118,7 +118,10 @@ def run_ood(args, methods, log):
     x_out = _images(out_name, "test", args.limit_test, args.data_root)[0]
     x_held = _images(in_name, "val", args.limit_test, args.data_root)[0]
     predictors = ensure_runs(_spec(args, "ood", in_name, "conv"), methods, args.runs, log)
-    results = {m: ood.evaluate(p, x_in, x_out, x_held, args.samples, args.seed) for m, p in predictors.items()}
+    results = {}
+    for m, p in predictors.items():
+        log(f"ood: scoring {len(x_in)} + {len(x_out)} + {len(x_held)} images with {m}")
+        results[m] = ood.evaluate(p, x_in, x_out, x_held, args.samples, args.seed)
     table = {"task": "ood", "in": in_name, "out": out_name, "n_in": len(x_in), "n_out": len(x_out),
              "metrics": {m: r["metrics"] for m, r in results.items()}}
     return table, ood.table_markdown(results, in_name, out_name), lambda o: ood.figures(results, o, in_name, out_name)
@@ -134,6 +137,7 @@ def run_imputation(args, methods, log):
     chain = {"chains": args.chains, "steps": args.steps, "refine": args.refine}
     rows, imputations, generations, start = {}, {}, {}, None
     for m, p in predictors.items():
+        log(f"imputation: {args.chains} chains of {args.steps} steps on {len(x)} images with {m}")
         rows[m], imputations[m], start = imputation.evaluate(p, clf, x, y, mask, rng, noise_seed=args.seed, **chain)
         generations[m] = imputation.impute(p, np.zeros_like(x[:8]), np.zeros_like(mask), rng,
                                            noise_seed=args.seed + 1, **chain)[0]
@@ -147,8 +151,11 @@ def run_knn(args, methods, log):
     x, y = _images("mnist", "val", args.limit_val, args.data_root)
     knn.check_labels(y, args.labels)
     predictors = ensure_runs(_spec(args, "knn", "mnist", "mlp"), methods, args.runs, log)
-    results = {m: knn.evaluate(knn.embed(p, x, args.samples, args.seed), y, args.labels, args.repetitions,
-                               args.seed) for m, p in predictors.items()}
+    results = {}
+    for m, p in predictors.items():
+        log(f"knn: {args.repetitions} draws of {args.labels} labels per class with {m}")
+        results[m] = knn.evaluate(knn.embed(p, x, args.samples, args.seed), y, args.labels, args.repetitions,
+                                  args.seed)
     table = {"task": "knn", "n_val": len(x), "repetitions": args.repetitions, "embedding_samples": args.samples,
              "results": {m: {str(n): v for n, v in r.items()} for m, r in results.items()}}
     return table, knn.table_markdown(results, len(x)), lambda o: knn.figure(results, o)
