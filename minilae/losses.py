@@ -10,11 +10,16 @@ Each likelihood gives, per sample b of a batch, everything the Laplace machinery
 * ``sample(f, rng)``  y ~ p(y | f), for Monte Carlo Fisher estimates
 * ``mean(f)``         E[y | f], the reconstruction shown to a user
 
-Why the Hessians never depend on y: for all three likelihoods f is the natural parameter of an
+Why the Hessians never depend on y: for Gaussian, Bernoulli and Categorical f is the natural parameter of an
 exponential family, -log p(y | f) = A(f) - y . f - log h(y), so y enters only linearly and the
 second derivative leaves H = d^2 A / d f^2 = Cov[y | f]. (For the Gaussian with fixed sigma the
 natural parameter is f / sigma^2, a constant rescaling, and H = I / sigma^2.)
 The ``y`` argument of the Hessian methods is therefore optional and only validated when given.
+
+The exception is :class:`HeteroscedasticGaussian` (the AE with learned variance): its outputs
+(mu, s = log sigma^2) are not natural parameters (those are mu / sigma^2 and -1 / (2 sigma^2)), so
+its true Hessian depends on y and is indefinite. There ``hess`` is that true Hessian (y required),
+while ``hess_diag`` / ``hess_sqrt`` give the Fisher E_y[H], the PSD curvature the GGN needs.
 
 Outputs follow the array backend of ``f`` (NumPy or CuPy), found with :func:`array_module`.
 """
@@ -24,7 +29,8 @@ import math
 
 from .backend import array_module
 
-__all__ = ["Likelihood", "Gaussian", "Bernoulli", "Categorical", "get_likelihood", "LIKELIHOODS"]
+__all__ = ["Likelihood", "Gaussian", "HeteroscedasticGaussian", "Bernoulli", "Categorical", "get_likelihood",
+           "LIKELIHOODS"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -148,6 +154,10 @@ class Likelihood:
 
     def mean(self, f):
         """E[y | f]."""
+        raise NotImplementedError
+
+    def variance(self, f):
+        """Var[y | f] elementwise, shaped like ``mean(f)``."""
         raise NotImplementedError
 
     def __repr__(self):
@@ -371,11 +381,124 @@ class Categorical(Likelihood):
         return _softmax(f)
 
 
-LIKELIHOODS = {"gaussian": Gaussian, "mse": Gaussian, "bernoulli": Bernoulli, "categorical": Categorical}
+class HeteroscedasticGaussian(Likelihood):
+    """y_i ~ N(mu_i, e^{s_i}) independently: the decoder predicts a mean and a log-variance per output.
+
+    Layout: f has twice y's channels along axis 1, mu = f[:, :C] and s = f[:, C:] = log sigma^2 (images
+    y (B, C, H, W), f (B, 2C, H, W); flat y (B, d), f (B, 2d)). With r = y - mu, per sample
+
+        l = 1/2 sum_i [ s_i + r_i^2 e^{-s_i} + log 2 pi ].
+
+    Curvature, over f flattened in C order (all mu entries, then all s entries):
+      * ``hess(f, y)`` is the TRUE Hessian d^2 l / d f^2: per output the 2 x 2 block
+        [[e^{-s}, r e^{-s}], [r e^{-s}, r^2 e^{-s} / 2]] coupling mu_i and s_i. It depends on y, so y is
+        required, and it is indefinite (determinant e^{-2s} r^2 (1/2 - 1) < 0 where r != 0);
+      * ``fisher(f)``, ``hess_diag(f, y)`` and ``hess_sqrt(f, y)`` give the Fisher
+        F = E_{y ~ p(y | f)}[H] = diag(e^{-s}, 1/2) (E[r] = 0, E[r^2] = e^s), which is PSD and is what the
+        Laplace machinery treats as H_out in the GGN J^T H_out J. So, unlike the other likelihoods,
+        ``hess_diag`` is not diag(``hess``) here: pass this likelihood to the Hessian engine only with
+        methods that read ``hess_diag`` / ``hess_sqrt`` ('approx', and 'sqrt' when it starts from the
+        factor); the dense paths ('exact', 'blocks', a full 'mixed') read ``hess`` and would get the
+        indefinite true Hessian.
+
+    Nothing is clamped: a log-variance with e^{+-s} outside the dtype's range is refused (ValueError).
+    """
+
+    name = "heteroscedastic"
+
+    def _split(self, f):
+        """(mu, s) = (f[:, :C], f[:, C:]) after validating f, with e^{+-s} representable in f's dtype."""
+        xp = _check_f(f, min_ndim=2)
+        if f.shape[1] % 2:
+            raise ValueError(f"HeteroscedasticGaussian needs f with an even number of channels along axis 1 "
+                             f"(mean and log-variance), got shape {f.shape}")
+        c = f.shape[1] // 2
+        mu, s = f[:, :c], f[:, c:]
+        limit = math.log(float(xp.finfo(f.dtype).max)) - 1
+        if bool((xp.abs(s) > limit).any()):
+            raise ValueError(f"log-variance s = f[:, {c}:] has entries with |s| > {limit:.1f}, where e^(+-s) "
+                             f"overflows {f.dtype} (range [{float(s.min()):.4g}, {float(s.max()):.4g}])")
+        return mu, s
+
+    def _check(self, f, y):
+        """(mu, s, y) with y shaped like mu."""
+        mu, s = self._split(f)
+        _check_same_backend(f, y)
+        y = array_module(f).asarray(y)
+        if y.shape != mu.shape:
+            raise ValueError(f"y must have the shape of the mean half of f, {mu.shape} (f {f.shape} holds mean "
+                             f"and log-variance along axis 1), got {y.shape}")
+        return mu, s, _check_y_like_f(mu, y)
+
+    def nll(self, f, y):
+        """l = 1/2 sum_i [s_i + (y_i - mu_i)^2 e^{-s_i} + log 2 pi], per sample."""
+        mu, s, y = self._check(f, y)
+        z = (y - mu) * array_module(f).exp(-0.5 * s)  # r e^{-s/2}: squaring it cannot overflow where r^2 would
+        return 0.5 * _flat(s + z ** 2).sum(axis=1) + 0.5 * _flat(mu).shape[1] * math.log(2 * math.pi)
+
+    def grad(self, f, y):
+        """dl/dmu = -r e^{-s}, dl/ds = (1 - r^2 e^{-s}) / 2, r = y - mu; stacked like f."""
+        mu, s, y = self._check(f, y)
+        xp = array_module(f)
+        w = xp.exp(-0.5 * s)
+        z = (y - mu) * w
+        return xp.concatenate([-z * w, 0.5 * (1 - z ** 2)], axis=1)
+
+    def hess(self, f, y=None):
+        """The true Hessian, (B, D, D): per output [[e^{-s}, r e^{-s}], [r e^{-s}, r^2 e^{-s} / 2]] (needs y)."""
+        if y is None:
+            raise ValueError("HeteroscedasticGaussian.hess is the true Hessian, which depends on y (mu and "
+                             "log sigma^2 are not natural parameters): pass y, or use fisher(f) for E_y[H]")
+        mu, s, y = self._check(f, y)
+        xp = array_module(f)
+        w = xp.exp(-0.5 * s)
+        z = (y - mu) * w
+        a, b, c = _flat(w * w), _flat(z * w), _flat(0.5 * z ** 2)
+        n = a.shape[1]
+        H = _diag_embed(xp.concatenate([a, c], axis=1))
+        idx = xp.arange(n)
+        H[:, idx, n + idx] = b
+        H[:, n + idx, idx] = b
+        return H
+
+    def fisher(self, f):
+        """F = E_{y ~ p(y | f)}[H] = diag(e^{-s}, 1/2), dense (B, D, D)."""
+        return _diag_embed(_flat(self.hess_diag(f)))
+
+    def hess_diag(self, f, y=None):
+        """The Fisher's diagonal (e^{-s}, 1/2), shaped like f: the PSD H_out of the GGN (not diag of ``hess``)."""
+        mu, s = self._check(f, y)[:2] if y is not None else self._split(f)
+        xp = array_module(f)
+        return xp.concatenate([xp.exp(-s), xp.full(s.shape, 0.5, dtype=f.dtype)], axis=1)
+
+    def hess_sqrt(self, f, y=None):
+        """S = diag(e^{-s/2}, 1/sqrt 2) with S S^T = the Fisher (not the true Hessian, which is indefinite)."""
+        mu, s = self._check(f, y)[:2] if y is not None else self._split(f)
+        xp = array_module(f)
+        root = xp.concatenate([xp.exp(-0.5 * s), xp.full(s.shape, math.sqrt(0.5), dtype=f.dtype)], axis=1)
+        return _diag_embed(_flat(root))
+
+    def sample(self, f, rng):
+        """y = mu + e^{s/2} eps, eps ~ N(0, I), shaped like mu."""
+        mu, s = self._split(f)
+        eps = rng.standard_normal(mu.shape)
+        return (mu + array_module(f).exp(0.5 * s) * eps).astype(f.dtype, copy=False)
+
+    def mean(self, f):
+        """E[y | f] = mu."""
+        return self._split(f)[0].copy()
+
+    def variance(self, f):
+        """Var[y | f] = e^s."""
+        return array_module(f).exp(self._split(f)[1])
+
+
+LIKELIHOODS = {"gaussian": Gaussian, "mse": Gaussian, "bernoulli": Bernoulli, "categorical": Categorical,
+               "heteroscedastic": HeteroscedasticGaussian}
 
 
 def get_likelihood(name, **kwargs):
-    """Likelihood by name: 'gaussian' | 'mse' (both Gaussian(sigma)), 'bernoulli', 'categorical'."""
+    """Likelihood by name: 'gaussian' | 'mse' (both Gaussian(sigma)), 'bernoulli', 'categorical', 'heteroscedastic'."""
     if isinstance(name, Likelihood):
         return name
     if not isinstance(name, str):

@@ -42,8 +42,12 @@ def _save(fig, path):
     return path
 
 
-def plot_latent_variance(z, labels, xs, ys, variance, path, title="Latent codes over decoder variance"):
-    """Fig. 1: scatter z (N, 2) coloured by labels over the heat-map variance (len(ys), len(xs)) or None."""
+def plot_latent_variance(z, labels, xs, ys, variance, path, title="Latent codes over decoder variance", note=None):
+    """Fig. 1: scatter z (N, 2) coloured by labels over the heat-map variance (len(ys), len(xs)) or None.
+
+    note: a text written into the axes instead, e.g. why there is no heat-map (a deterministic decoder has
+    no output variance, and a 0-to-1 colour bar over zeros would say otherwise).
+    """
     z = np.asarray(z)
     fig = Figure(figsize=(6.4, 5.2))
     ax = fig.add_subplot()
@@ -51,6 +55,9 @@ def plot_latent_variance(z, labels, xs, ys, variance, path, title="Latent codes 
         variance = np.asarray(variance).reshape(len(ys), len(xs))
         mesh = ax.pcolormesh(xs, ys, variance, cmap="magma", shading="auto")
         fig.colorbar(mesh, ax=ax, label="decoder variance (mean over pixels)")
+    if note:
+        ax.text(0.02, 0.98, note, transform=ax.transAxes, va="top", ha="left", fontsize=8,
+                bbox=dict(boxstyle="round", facecolor="white", alpha=0.85))
     points = ax.scatter(z[:, 0], z[:, 1], c=labels, cmap="tab10", s=4, alpha=0.8, linewidths=0)
     if labels is not None:
         fig.colorbar(points, ax=ax, label="label", ticks=range(10))

@@ -19,10 +19,22 @@ the same K networks replayed (from one seed) for every chunk. Inputs are never m
 device all at once unless they fit.
 
 With ``posterior=None`` (a plain AE) there is one deterministic network and the variances are 0.
+
+The same accumulation serves every method (:mod:`minilae.methods`) through *draws*: ``draws(seed)``
+yields K objects, each one stochastic network (a sampled theta_k, a dropout mask, an ensemble
+member, a sampled code of a VAE) with ``reconstruct(x) -> Pass`` and ``decode(z) -> (mean, var)``.
+A draw may also predict a variance of its own (the aleatoric variance of a learned-variance
+decoder, the encoder variance of a VAE); the reported variance is then the law of total variance,
+
+  Var[x] = Var_k[E[x | k]] + E_k[Var[x | k]],
+
+the first term by Welford, the second as a running mean. ``draws(seed)`` must give the same draws
+for the same seed: chunks of inputs replay it.
 """
 from __future__ import annotations
 
 import numbers
+from collections import namedtuple
 from dataclasses import dataclass
 
 from .backend import array_module, asarray, to_numpy, xp
@@ -30,7 +42,8 @@ from .hessian.chain import MemoryBudgetError, format_bytes, resolve_budget
 from .losses import Gaussian, get_likelihood
 from .validation import positive_int
 
-__all__ = ["Prediction", "predict", "predict_decoder"]
+__all__ = ["Prediction", "Pass", "predict", "predict_decoder", "predict_draws", "decode_draws", "network_seed",
+           "ModelDraw", "laplace_draws"]
 
 
 class _Moments:
@@ -81,22 +94,52 @@ class Prediction:
 _FIELDS = ("z_mean", "z_var", "x_mean", "x_var", "log_px", "mse")
 
 
-def _network_seed(rng):
+Pass = namedtuple("Pass", "z z_var x x_var nll")
+Pass.__doc__ = """One draw on a batch: code z, its own variance (or None), mean reconstruction x, its own variance
+(or None) and -log p(x | draw) per input."""
+
+
+def network_seed(rng):
     """The seed every chunk draws its K networks from: rng itself if an int (None: 0), else one draw of it."""
     if rng is None or isinstance(rng, numbers.Integral):
         return 0 if rng is None else int(rng)
     return int(rng.integers(0, 2**31 - 1))  # one device -> host scalar per prediction
 
 
-def _networks(model, posterior, n_samples, seed):
-    """Yield k = 1..K after setting the sampled theta_k into the model (k = 1 only, unchanged, without a posterior)."""
+class ModelDraw:
+    """One network as a draw: z = encode(x), f = decode(z), x = mean(f), -log p(x | f) by the likelihood."""
+
+    def __init__(self, model, likelihood):
+        self.model, self.likelihood = model, likelihood
+
+    def encode(self, x):
+        """z = encode(x)."""
+        return self.model.encode(x)
+
+    def reconstruct(self, x):
+        """Pass(z, None, mean(f), None, nll(f, x)) at the model's current parameters."""
+        z = self.model.encode(x)
+        f = self.model.decode(z)
+        return Pass(z, None, self.likelihood.mean(f), None, self.likelihood.nll(f, x))
+
+    def decode(self, z):
+        """(mean(decode(z)), None)."""
+        return self.likelihood.mean(self.model.decode(z)), None
+
+
+def laplace_draws(model, posterior, draw, n_samples, seed):
+    """Yield draw after setting theta_k ~ q(theta), k = 1..K (from xp().random.default_rng(seed)), into the model;
+    without a posterior once, the model unchanged. The original parameters are put back when the draws end."""
     if posterior is None:
-        yield 1
+        yield draw
         return
-    rng = xp().random.default_rng(seed)
-    for k in range(1, int(n_samples) + 1):
-        model.set_params(posterior.sample(1, rng)[0])
-        yield k
+    theta0, rng = model.get_params(), xp().random.default_rng(seed)
+    try:
+        for _ in range(int(n_samples)):
+            model.set_params(posterior.sample(1, rng)[0])
+            yield draw
+    finally:
+        model.set_params(theta0)
 
 
 def _check_inputs(n_samples, batch_size):
@@ -117,22 +160,93 @@ def _batches(n, batch_size):
     return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
 
-def _predict_chunk(model, x, posterior, n_samples, seed, batch_size, likelihood, dtype):
+class _Mean:
+    """Running mean over draws of a draw's own variance (stays 0 while no draw reports one)."""
+
+    def __init__(self, n, shape):
+        self.mean = xp().zeros((n,) + tuple(shape), dtype=xp().float64)
+
+    def add(self, k, rows, a):
+        """mean += (a - mean) / k (a = None: a draw without its own variance, i.e. 0)."""
+        a = 0.0 if a is None else a.astype(xp().float64)
+        self.mean[rows] += (a - self.mean[rows]) / k
+
+
+def _run_draws(iterator, step):
+    """step(k, draw) for k = 1, 2, ... over the draws; the iterator is closed even on an error (so a
+    generator puts the model's parameters back at once). Returns K."""
+    k = 0
+    try:
+        for k, draw in enumerate(iterator, start=1):
+            step(k, draw)
+    finally:
+        getattr(iterator, "close", lambda: None)()
+    if k == 0:
+        raise ValueError("the draws yielded no network")
+    return k
+
+
+def _predict_chunk(draws, x, latent_size, batch_size, dtype):
     """All statistics of the inputs x (one chunk) on the backend."""
     x = asarray(x, dtype=dtype)  # the chunk fits: one transfer
     n, rows = x.shape[0], _batches(x.shape[0], batch_size)
-    z_mom, x_mom = _Moments(n, (model.latent_size,)), _Moments(n, x.shape[1:])
+    z_mom, x_mom = _Moments(n, (latent_size,)), _Moments(n, x.shape[1:])
+    z_own, x_own = _Mean(n, (latent_size,)), _Mean(n, x.shape[1:])
     log_px = xp().zeros(n, dtype=xp().float64)
-    for k in _networks(model, posterior, n_samples, seed):
+
+    def step(k, draw):
         for sl in rows:
-            z = model.encode(x[sl])
-            f = model.decode(z)
-            z_mom.add(k, sl, z)
-            x_mom.add(k, sl, f)
-            log_px[sl] -= likelihood.nll(f, x[sl])
-    K = x_mom.k
+            p = draw.reconstruct(x[sl])
+            z_mom.add(k, sl, p.z)
+            x_mom.add(k, sl, p.x)
+            z_own.add(k, sl, p.z_var)
+            x_own.add(k, sl, p.x_var)
+            log_px[sl] -= p.nll
+
+    K = _run_draws(draws(), step)
     mse = ((x.astype(xp().float64) - x_mom.mean) ** 2).reshape(n, -1).mean(axis=1)
-    return Prediction(z_mom.mean, z_mom.variance, x_mom.mean, x_mom.variance, log_px / K, mse, K)
+    return Prediction(z_mom.mean, z_mom.variance + z_own.mean, x_mom.mean, x_mom.variance + x_own.mean,
+                      log_px / K, mse, K)
+
+
+def predict_draws(draws, x, latent_size, dtype, batch_size=500, memory_budget=None):
+    """Prediction over host images x of the draws draws() (a fresh, identical sequence at every call).
+
+    z_var = Var_k z_k + E_k z_var_k,  x_var = Var_k x_k + E_k x_var_k,  log p(x) = 1/K sum_k log p(x | k).
+    memory_budget: bytes of device memory for the inputs' statistics (default: BUDGET_FRACTION of the free
+    memory); more inputs than fit are processed in chunks, each replaying draws().
+    """
+    positive_int(batch_size, "batch_size")
+    if getattr(x, "ndim", 0) < 2 or x.shape[0] == 0:
+        raise ValueError(f"x must be a non-empty batch of images (N, *shape), got shape {getattr(x, 'shape', None)}")
+    d = int(x[0].size)
+    # per input: the image, mean, M2 and own variance of x and z (float64), log p(x) and mse (float64)
+    per_input = d * dtype.itemsize + 24 * (d + latent_size) + 16
+    chunk = _chunk_size(x.shape[0], per_input, memory_budget, "the predictive statistics")
+    if chunk == x.shape[0]:
+        return _predict_chunk(draws, x, latent_size, batch_size, dtype)
+    parts = [_predict_chunk(draws, x[s:s + chunk], latent_size, batch_size, dtype).to_numpy()
+             for s in range(0, x.shape[0], chunk)]
+    host = array_module(parts[0].mse)
+    return Prediction(*(host.concatenate([getattr(p, k) for p in parts]) for k in _FIELDS), parts[0].n_samples)
+
+
+def decode_draws(draws, z, latent_size, out_shape, dtype, batch_size=500):
+    """(mean, variance) over the draws of the decoded images of codes z (N, latent): Var_k + E_k of own variance."""
+    positive_int(batch_size, "batch_size")
+    z = asarray(z, dtype=dtype)
+    if z.ndim != 2 or z.shape[1] != latent_size:
+        raise ValueError(f"z must have shape (N, {latent_size}), got {z.shape}")
+    mom, own = _Moments(z.shape[0], out_shape), _Mean(z.shape[0], out_shape)
+
+    def step(k, draw):
+        for sl in _batches(z.shape[0], batch_size):
+            mean, var = draw.decode(z[sl])
+            mom.add(k, sl, mean)
+            own.add(k, sl, var)
+
+    _run_draws(draws(), step)
+    return mom.mean, mom.variance + own.mean
 
 
 def predict(model, x, posterior=None, n_samples=100, rng=None, batch_size=500, likelihood=None, memory_budget=None):
@@ -144,41 +258,18 @@ def predict(model, x, posterior=None, n_samples=100, rng=None, batch_size=500, l
     """
     _check_inputs(n_samples, batch_size)
     likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
-    if getattr(x, "ndim", 0) < 2 or x.shape[0] == 0:
-        raise ValueError(f"x must be a non-empty batch of images (N, *shape), got shape {getattr(x, 'shape', None)}")
-    theta0 = model.get_params()
-    dtype = theta0.dtype
-    d = int(x[0].size)
-    # per input: the image, mean and M2 of x and z (float64), log p(x) and mse (float64)
-    per_input = d * dtype.itemsize + 16 * (d + model.latent_size) + 16
-    chunk = _chunk_size(x.shape[0], per_input, memory_budget, "the predictive statistics")
-    seed = _network_seed(rng)
-    try:
-        if chunk == x.shape[0]:
-            return _predict_chunk(model, x, posterior, n_samples, seed, batch_size, likelihood, dtype)
-        parts = [_predict_chunk(model, x[s:s + chunk], posterior, n_samples, seed, batch_size, likelihood,
-                                dtype).to_numpy() for s in range(0, x.shape[0], chunk)]
-    finally:
-        model.set_params(theta0)
-    host = array_module(parts[0].mse)
-    return Prediction(*(host.concatenate([getattr(p, k) for p in parts]) for k in _FIELDS), parts[0].n_samples)
+    seed, draw = network_seed(rng), ModelDraw(model, likelihood)
+    return predict_draws(lambda: laplace_draws(model, posterior, draw, n_samples, seed), x, model.latent_size, model.get_params().dtype,
+                         batch_size, memory_budget)
 
 
-def predict_decoder(model, z, posterior=None, n_samples=100, rng=None, batch_size=500):
+def predict_decoder(model, z, posterior=None, n_samples=100, rng=None, batch_size=500, likelihood=None):
     """(mean, variance) over sampled decoders of decoder(z; theta_k) for latent codes z (N, latent).
 
     rng: an int seed or a backend Generator, as for predict.
     """
     _check_inputs(n_samples, batch_size)
-    theta0 = model.get_params()
-    z = asarray(z, dtype=theta0.dtype)
-    if z.ndim != 2 or z.shape[1] != model.latent_size:
-        raise ValueError(f"z must have shape (N, {model.latent_size}), got {z.shape}")
-    mom = _Moments(z.shape[0], model.input_shape)
-    try:
-        for k in _networks(model, posterior, n_samples, _network_seed(rng)):
-            for sl in _batches(z.shape[0], batch_size):
-                mom.add(k, sl, model.decode(z[sl]))
-    finally:
-        model.set_params(theta0)
-    return mom.mean, mom.variance
+    likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
+    seed, draw = network_seed(rng), ModelDraw(model, likelihood)
+    return decode_draws(lambda: laplace_draws(model, posterior, draw, n_samples, seed), z, model.latent_size, model.input_shape,
+                        model.get_params().dtype, batch_size)

@@ -1,4 +1,4 @@
-"""python -m minilae.train - train a plain AE, a post-hoc LAE or an online LAE, evaluate, plot.
+"""python -m minilae.train - train an autoencoder (plain, post-hoc or online LAE, or a baseline), evaluate, plot.
 
 Run with no flags to train the paper's online LAE (MLP, 2-D latent space, approximate diagonal
 GGN) on MNIST; ``--help`` lists every flag. A run writes into its output folder:
@@ -9,11 +9,22 @@ GGN) on MNIST; ``--help`` lists every flag. A run writes into its output folder:
   reconstructions.png  inputs / mean / variance of reconstructions (paper Fig. 8)
   latent.png           latent codes over the decoder-variance heat-map (Fig. 1; 2-D latent only)
 
-The three methods: ``ae`` trains the mean network only (MAP); ``posthoc`` trains the same MAP
-network, then fits a diagonal Laplace posterior with the GGN over the whole training set (in
+The methods (``--method``): ``ae`` trains the mean network only (MAP); ``posthoc`` trains the same
+MAP network, then fits a diagonal Laplace posterior with the GGN over the whole training set (in
 batches of ``--posthoc-batch-size``, default ``--batch-size``) and chooses the prior precision by
 the Laplace marginal likelihood; ``online`` is the LAE of the paper (eq. 10-11, see
-:mod:`minilae.online`).
+:mod:`minilae.online`). The paper's baselines (appendix A): ``ae-var``, an AE whose decoder also
+outputs a per-pixel log-variance (heteroscedastic Gaussian likelihood); ``vae``, a VAE with KL
+weight ``--beta``; ``mc-dropout``, an AE with dropout ``--dropout`` between its trainable layers,
+kept on at test time; ``ensemble``, ``--ensemble-size`` AEs from seeds derived from (--seed, m).
+Every method is evaluated through the same :class:`minilae.methods.Predictor` and
+:func:`load_run` gives it back.
+
+Ensembles: the members are trained one after another in the same run. ``checkpoint.npz`` holds
+every finished member and the member in training; that member's own epoch checkpoint is
+``member.npz`` (written by the epoch loop, atomically), merged into ``checkpoint.npz`` after each
+epoch and removed when the member finishes. An interrupted ensemble continues inside the member
+it was in; a finished member is never retrained (with a larger ``--epochs`` it trains on).
 
 The output folder:
   * a folder that already holds a run (checkpoint.npz or metrics.json) is refused unless
@@ -63,25 +74,23 @@ from pathlib import Path
 import numpy as np  # host-side: data subsets, metrics and plots
 
 from . import backend
-from .backend import BackendError, asarray, to_numpy
+from .backend import BackendError, to_numpy
 from .data import DataError, load_dataset
 from .files import atomic_write, is_writable, stale_temp_files
 from .hessian import MemoryBudgetError, estimate_cost
 from .hessian.chain import BUDGET_FRACTION, format_bytes, resolve_budget
-from .laplace import DiagonalLaplace
-from .models import build_model
+from .methods import (CHECKPOINT, METHODS, build_network, load_run, make_predictor, member_seed, method_likelihood,
+                      stored_posterior)
 from .online import DEFAULT_ALPHA, HESSIAN_METHODS, OnlineLaplace
 from .optim import Adam
 from .posthoc import fit_posthoc
-from .predictive import predict, predict_decoder
-from .training import (CheckpointError, MAPTrainer, TrainingDivergedError, check_signature, fit,
+from .training import (DIVERGENCE_HINT, CheckpointError, MAPTrainer, TrainingDivergedError, check_signature, fit,
                        load_checkpoint, model_signature, save_checkpoint)
 
-__all__ = ["main", "build_parser", "load_run", "DEFAULTS", "RUN_KEYS", "POSTHOC_KEYS"]
+__all__ = ["main", "build_parser", "load_run", "METHODS", "DEFAULTS", "RUN_KEYS", "POSTHOC_KEYS"]
 
 DATASETS = ("mnist", "fashionmnist")
-METHODS = ("ae", "posthoc", "online")
-CHECKPOINT = "checkpoint.npz"
+MEMBER = "member.npz"  # the epoch checkpoint of the ensemble member in training
 METRICS = "metrics.json"
 FIGURES = ("reconstructions.png", "latent.png")
 
@@ -92,12 +101,12 @@ DEFAULTS = {
     "train_samples": 1, "samples": 100, "seed": 0, "out": None, "resume": False, "limit_train": None,
     "limit_val": None, "ood_dataset": "auto", "dtype": "float32", "data_root": None, "lr_patience": 5,
     "stop_patience": 8, "quiet": False, "no_plots": False, "overwrite": False,
-    "posthoc_batch_size": None,
+    "posthoc_batch_size": None, "beta": 1e-3, "dropout": 0.2, "ensemble_size": 5,
 }
 # flags that define the trained model: a resumed run must keep them (the checkpoint's value is used)
 RUN_KEYS = ("dataset", "model", "method", "hessian", "threshold", "latent_size", "batch_size", "lr", "alpha",
             "prior_precision", "fix_prior", "train_samples", "seed", "limit_train", "limit_val", "dtype",
-            "lr_patience", "stop_patience")
+            "lr_patience", "stop_patience", "beta", "dropout", "ensemble_size")
 # ... except, for --method posthoc, the posterior's flags: they do not define the MAP network, and a finished
 # post-hoc run resumed with other values gets its posterior recomputed
 POSTHOC_KEYS = ("hessian", "threshold", "fix_prior")
@@ -123,6 +132,8 @@ _positive_int = _typed(int, lambda v: v >= 1, "a positive integer")
 _nonneg_int = _typed(int, lambda v: v >= 0, "an integer >= 0")
 _positive_float = _typed(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _alpha = _typed(float, lambda v: 0 < v <= 1, "a forgetting rate (alpha must lie in (0, 1])")
+_beta = _typed(float, lambda v: math.isfinite(v) and v >= 0, "a KL weight beta >= 0")
+_dropout = _typed(float, lambda v: 0 <= v < 1, "a dropout probability p in [0, 1)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -154,7 +165,9 @@ def build_parser(suppress_defaults=False):
     g = p.add_argument_group("what to train")
     g.add_argument("--method", choices=METHODS, default=d("method"),
                    help="ae: plain autoencoder (MAP); posthoc: MAP then a diagonal Laplace posterior with the prior "
-                        "precision from the marginal likelihood; online: the online LAE (eq. 10-11)")
+                        "precision from the marginal likelihood; online: the online LAE (eq. 10-11); baselines: "
+                        "ae-var: AE with a learned per-pixel variance; vae: VAE (--beta); mc-dropout: AE with "
+                        "dropout kept on at test time (--dropout); ensemble: --ensemble-size AEs of different seeds")
     g.add_argument("--dataset", type=str.lower, choices=DATASETS, default=d("dataset"), help="training data")
     g.add_argument("--model", choices=("mlp", "conv"), default=d("model"),
                    help="mlp: 784-512-256-latent MLP; conv: two conv+pool blocks and an MLP (mirrored decoders)")
@@ -167,6 +180,12 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--hessian-threshold", dest="threshold", type=_positive_int, default=d("threshold"),
                    help="feature size up to which 'mixed' backpropagates the full matrix "
                         "(required with --hessian mixed)")
+    g.add_argument("--beta", type=_beta, default=d("beta"),
+                   help="vae: weight beta of the KL term in the loss NLL + beta KL(q(z|x) || N(0, I))")
+    g.add_argument("--dropout", type=_dropout, default=d("dropout"),
+                   help="mc-dropout: dropout probability p between all trainable layers (kept on at test time)")
+    g.add_argument("--ensemble-size", type=_positive_int, default=d("ensemble_size"),
+                   help="ensemble: number of AEs, trained one after another with seeds derived from (--seed, m)")
     g = p.add_argument_group("optimisation (the paper's schedule: Adam, lr halved on a 5-epoch plateau, "
                              "early stop after 8)")
     g.add_argument("--epochs", type=_positive_int, default=d("epochs"),
@@ -197,7 +216,8 @@ def build_parser(suppress_defaults=False):
     g.add_argument("--train-samples", type=_positive_int, default=d("train_samples"),
                    help="online: weight samples per minibatch (Monte Carlo size of eq. 10-11)")
     g.add_argument("--samples", type=_positive_int, default=d("samples"),
-                   help="networks sampled for the predictive mean/variance and log p(x)")
+                   help="stochastic passes (sampled networks, dropout masks, latent codes) for the predictive "
+                        "mean/variance and log p(x); an ensemble uses each member once")
     g = p.add_argument_group("data, output and running")
     g.add_argument("--limit-train", type=_positive_int, default=d("limit_train"),
                    help="use only the first N training images (quick runs, CI)")
@@ -287,6 +307,9 @@ def with_checkpoint(args, explicit):
 
 
 def _stopped_early(state):
+    """Whether early stopping ended the run (an ensemble: a finished one, every member stopped early)."""
+    if "members" in state:
+        return state["stage"] == "done" and all(_stopped_early(m) for m in state["members"])
     stopper = state["stopper"]
     return stopper["num_bad_epochs"] >= stopper["patience"]
 
@@ -372,7 +395,7 @@ def run_folder(out, create):
         if not is_writable(out):
             raise RunFolderError(f"--out {out} is not writable (a read-only folder or file system)")
         fd = _lock(out)
-        for tmp in stale_temp_files(out, (CHECKPOINT, METRICS)):  # ours, from a killed run: we hold the lock
+        for tmp in stale_temp_files(out, (CHECKPOINT, METRICS, MEMBER)):  # ours, from a killed run: we hold the lock
             tmp.unlink(missing_ok=True)
         yield out
     except BaseException:
@@ -392,7 +415,7 @@ def _refuse_existing_run(out, overwrite):
 
 def _clear_previous_run(out, log):
     """--overwrite: delete the previous run's files (only the names a run writes)."""
-    removed = [name for name in (CHECKPOINT, METRICS, *FIGURES) if (out / name).is_file()]
+    removed = [name for name in (CHECKPOINT, METRICS, MEMBER, *FIGURES) if (out / name).is_file()]
     for name in removed:
         (out / name).unlink()
     if removed:
@@ -406,11 +429,31 @@ def _load_images(name, split, limit, root):
     return x, y
 
 
+class DropoutTrainer(MAPTrainer):
+    """MAP training of the MC-dropout AE (MAPTrainer runs its forward in training mode, the validation in
+    evaluation mode). The masks are drawn from the epoch's backend generator, which fit derives from (seed,
+    epoch), so a resumed run draws the same masks as an uninterrupted one."""
+
+    method = "mc-dropout"
+
+    def step(self, x, rng=None):
+        """One minibatch; its dropout masks come from rng."""
+        self.model.reseed_dropout(rng)
+        return super().step(x, rng)
+
+
 def _make_trainer(config, model, n_train):
     optimizer = Adam(lr=config["lr"])
-    if config["method"] == "ae":
-        return MAPTrainer(model, optimizer)  # eq. 1: no prior
-    if config["method"] == "posthoc":  # the MAP under lambda that the Laplace posterior assumes
+    method = config["method"]
+    if method in ("ae", "ensemble", "ae-var"):  # eq. 1: no prior (ae-var: with its learned variance)
+        return MAPTrainer(model, optimizer, likelihood=method_likelihood(method))
+    if method == "mc-dropout":
+        return DropoutTrainer(model, optimizer)
+    if method == "vae":
+        from .vae import VAETrainer  # noqa: PLC0415 - only VAE runs need it
+
+        return VAETrainer(model, optimizer, beta=config["beta"])
+    if method == "posthoc":  # the MAP under lambda that the Laplace posterior assumes
         return MAPTrainer(model, optimizer, prior_precision=config["prior_precision"], n_data=n_train)
     return OnlineLaplace(model, n_train, config["alpha"], prior_precision=config["prior_precision"],
                          hessian=config["hessian"], threshold=config["threshold"], n_samples=config["train_samples"],
@@ -433,12 +476,12 @@ def _posterior_summary(posterior):
             "num_params": posterior.num_params}
 
 
-def evaluate(model, posterior, x, n_samples, seed):
-    """Prediction over host images x with n_samples networks (one deterministic net without a posterior)."""
-    return predict(model, x, posterior, n_samples=n_samples, rng=_evaluation_rng(seed))
+def evaluate(predictor, x, n_samples, seed):
+    """Prediction over host images x with n_samples draws (one for a deterministic method)."""
+    return predictor.predict(x, n_samples=n_samples, rng=_evaluation_rng(seed))
 
 
-def _figures(out, config, model, posterior, val, ood, val_labels, log):
+def _figures(out, config, predictor, val, ood, val_labels, log):
     files = []
     groups = [(config["dataset"], val[0], to_numpy(val[1].x_mean), to_numpy(val[1].x_var))]
     if ood is not None:
@@ -447,17 +490,19 @@ def _figures(out, config, model, posterior, val, ood, val_labels, log):
 
     files.append(plot_reconstructions(groups, out / "reconstructions.png",
                                       title=f"{config['method']} {config['model']}: inputs, mean and variance"))
-    if model.latent_size == 2:
+    if predictor.latent_size == 2:
         z = to_numpy(val[1].z_mean)
         xs, ys, grid = latent_grid(z, n=40, margin=0.3)
-        variance = None
-        if posterior is not None:
-            _, var = predict_decoder(model, grid, posterior, n_samples=config["samples"],
-                                     rng=_evaluation_rng(config["seed"] + 1))
+        variance, note = None, None
+        if predictor.decoder_variance:
+            _, var = predictor.predict_decoder(grid, n_samples=config["samples"],
+                                               rng=_evaluation_rng(config["seed"] + 1))
             variance = to_numpy(var.reshape(var.shape[0], -1).mean(axis=1))
+        else:
+            note = f"{config['method']}: no output variance in latent space\n(its decoder is deterministic)"
         files.append(plot_latent_variance(z, val_labels, xs, ys, variance, out / "latent.png",
                                           title=f"{config['method']} {config['model']}: latent codes of "
-                                                f"{config['dataset']} validation images"))
+                                                f"{config['dataset']} validation images", note=note))
     for f in files:
         log(f"wrote {f}")
     return [str(f) for f in files]
@@ -482,18 +527,14 @@ def _load_data(config):
     return {"train": x_train, "val": x_val, "val_labels": y_val, "ood": x_ood, "ood_name": ood_name}
 
 
-def _stored_posterior(p):
-    return DiagonalLaplace(asarray(p["mean"]), asarray(p["ggn"]), p["prior_precision"])
-
-
 def _fit_posterior(config, model, trainer, state, x_train, log):
     """(posterior or None, post-hoc info): the online trainer's q_t, a post-hoc Laplace, or nothing (AE)."""
     if config["method"] == "online":
         return trainer.posterior(), None
-    if config["method"] == "ae":
+    if config["method"] != "posthoc":
         return None, None
     if state.get("posterior") is not None:  # a finished post-hoc run, evaluated again
-        return _stored_posterior(state["posterior"]), state.get("posthoc")
+        return stored_posterior(state["posterior"], model.get_params().dtype), state.get("posthoc")
     log(f"post-hoc Laplace: {config['hessian']} diagonal GGN over {len(x_train)} training images "
         f"(batches of {_posthoc_batch_size(config)})")
     posterior, info = fit_posthoc(model, x_train, method=config["hessian"], threshold=config["threshold"],
@@ -558,6 +599,13 @@ def _plan(config, resume_state, stored_args):
     return train, new_posterior
 
 
+def _network(config, input_shape, member=None):
+    """The untrained network of the run (of ensemble member m: its own seed)."""
+    seed = config["seed"] if member is None else member_seed(config["seed"], member)
+    return build_network(config["method"], config["model"], input_shape, config["latent_size"], seed,
+                         config["dropout"])
+
+
 def run(config, resumed=None, log=print, argv=None):
     """Train, fit the posterior, evaluate and plot as the config says; return the metrics dict.
 
@@ -568,8 +616,9 @@ def run(config, resumed=None, log=print, argv=None):
     out = Path(config["out"])
     quiet_log = log if not config["quiet"] else (lambda *a, **k: None)
     data = _load_data(config)
+    ensemble = config["method"] == "ensemble"
 
-    model = build_model(config["model"], data["train"].shape[1:], config["latent_size"], seed=config["seed"])
+    model = _network(config, data["train"].shape[1:], member=0 if ensemble else None)
     signature = model_signature(model, config["model"])
     ckpt_path = out / CHECKPOINT
     resume_state, stored_args = None, {}
@@ -578,53 +627,51 @@ def run(config, resumed=None, log=print, argv=None):
         check_signature(stored.get("signature", {}), signature, ckpt_path)
         stored_args = stored["args"]
     stored_config = {"args": {k: v for k, v in config.items() if k in DEFAULTS}, "signature": signature}
-    trainer = _make_trainer(config, model, len(data["train"]))
     train, new_posterior = _plan(config, resume_state, stored_args)
     passes = ([("the online training step", config["batch_size"])] if train and config["method"] == "online"
               else []) + ([("the post-hoc GGN pass", _posthoc_batch_size(config))] if new_posterior else [])
     _check_hessian_memory(config, model, len(data["train"]), passes)
+    size = f"{config['ensemble_size']} members x " if ensemble else ""
     quiet_log(f"{config['method']} | {config['model']} | {config['dataset']} ({len(data['train'])} train, "
-              f"{len(data['val'])} val) | {model.num_params} parameters | backend {config['backend']} | output {out}")
+              f"{len(data['val'])} val) | {size}{model.num_params} parameters | backend {config['backend']} | "
+              f"output {out}")
     if config["overwrite"]:
         _clear_previous_run(out, quiet_log)
 
     start = time.perf_counter()
-    if train:
-        if resume_state is not None and resume_state.get("stage") == "done":
-            quiet_log(f"the run finished after epoch {resume_state['epoch']}: training on to epoch {config['epochs']}")
-        state = fit(trainer, data["train"], data["val"], epochs=config["epochs"], batch_size=config["batch_size"],
-                    seed=config["seed"], lr_patience=config["lr_patience"], stop_patience=config["stop_patience"],
-                    checkpoint=ckpt_path, config=stored_config, resume=resume_state,
-                    progress=not config["quiet"], log=quiet_log)
+    posterior = posthoc_info = None
+    if ensemble:
+        state = _train_ensemble(config, data, stored_config, resume_state, train, quiet_log)
+        train_time = time.perf_counter() - start
+        predictor = make_predictor("ensemble", config, model,
+                                   thetas=[m["trainer"]["theta"] for m in state["members"]])
     else:
-        trainer.load_state_dict(resume_state["trainer"])
-        state = resume_state
-        if new_posterior:
-            changed = [f"--{k.replace('_', '-')} {config[k]}" for k in POSTHOC_KEYS if config[k] != stored_args.get(k)]
-            quiet_log(f"the checkpoint is of a finished run: recomputing its posterior with {', '.join(changed)}")
-            state = {**state, "posterior": None, "posthoc": None}
-        else:
-            quiet_log("the checkpoint is of a finished run: evaluating it again")
-    train_time = time.perf_counter() - start
-    posterior, posthoc_info = _fit_posterior(config, model, trainer, state, data["train"], quiet_log)
-    state = _final_state(state, config, posterior, posthoc_info)
+        trainer = _make_trainer(config, model, len(data["train"]))
+        state = _train(config, trainer, data, stored_config, resume_state, stored_args, train, new_posterior,
+                       quiet_log)
+        train_time = time.perf_counter() - start
+        posterior, posthoc_info = _fit_posterior(config, model, trainer, state, data["train"], quiet_log)
+        state = _final_state(state, config, posterior, posthoc_info)
+        predictor = make_predictor(config["method"], config, model, posterior)
     save_checkpoint(ckpt_path, state, stored_config)
 
-    n_samples = config["samples"] if posterior is not None else 1
-    quiet_log(f"evaluating with {n_samples} sampled network(s) on {len(data['val'])} validation images"
+    n_samples = predictor.n_draws(config["samples"])
+    quiet_log(f"evaluating with {n_samples} stochastic pass(es) on {len(data['val'])} validation images"
               + (f" and {len(data['ood'])} {data['ood_name']} images" if data["ood"] is not None else ""))
-    val_pred = evaluate(model, posterior, data["val"], n_samples, config["seed"])
-    ood_pred = None if data["ood"] is None else evaluate(model, posterior, data["ood"], n_samples, config["seed"])
+    val_pred = evaluate(predictor, data["val"], config["samples"], config["seed"])
+    ood_pred = None if data["ood"] is None else evaluate(predictor, data["ood"], config["samples"], config["seed"])
     metrics = {
         "command": "python -m minilae.train " + " ".join(shlex.quote(a) for a in (argv or [])),
         "config": config, "signature": signature, "history": state["history"],
-        "epochs_trained": state["epoch"], "best_epoch": (state["best"] or {}).get("epoch"),
+        "epochs_trained": state["epoch"], "best_epoch": (state.get("best") or {}).get("epoch"),
         "train_time_s": train_time, "posterior": _posterior_summary(posterior), "posthoc": posthoc_info,
         "val": val_pred.summary(),
         "ood": None if ood_pred is None else {"dataset": data["ood_name"], **ood_pred.summary()},
     }
+    if ensemble:
+        metrics["members"] = [_member_summary(config, m, s) for m, s in enumerate(state["members"])]
     if not config["no_plots"]:
-        metrics["figures"] = _figures(out, config, model, posterior, (data["val"], val_pred),
+        metrics["figures"] = _figures(out, config, predictor, (data["val"], val_pred),
                                       None if ood_pred is None else (data["ood"], ood_pred, data["ood_name"]),
                                       data["val_labels"], quiet_log)
     _write_json(out / METRICS, metrics)
@@ -632,22 +679,91 @@ def run(config, resumed=None, log=print, argv=None):
     return metrics
 
 
-def load_run(run_dir):
-    """(model, posterior or None, metrics-style config) of a finished or interrupted run folder."""
-    state, stored = load_checkpoint(Path(run_dir) / CHECKPOINT)
-    args, sig = stored["args"], stored["signature"]
-    backend.set_default_dtype(np.dtype(args["dtype"]))
-    model = build_model(sig["model"], tuple(sig["input_shape"]), sig["latent_size"], seed=args["seed"])
-    check_signature(sig, model_signature(model, sig["model"]), Path(run_dir) / CHECKPOINT)
-    trainer = state["trainer"]
-    model.set_params(asarray(trainer["theta"], dtype=model.get_params().dtype))
-    posterior = None
-    if state.get("posterior") is not None:
-        posterior = _stored_posterior(state["posterior"])
-    elif trainer.get("H") is not None:
-        posterior = DiagonalLaplace(model.get_params(), asarray(trainer["H"], dtype=model.get_params().dtype),
-                                    trainer["prior_precision"])
-    return model, posterior, args
+def _train(config, trainer, data, stored_config, resume_state, stored_args, train, new_posterior, log):
+    """The run's state after training (or, for a finished run, as it was, ready for a new posterior)."""
+    if train:
+        if resume_state is not None and resume_state.get("stage") == "done":
+            log(f"the run finished after epoch {resume_state['epoch']}: training on to epoch {config['epochs']}")
+        try:
+            return fit(trainer, data["train"], data["val"], epochs=config["epochs"],
+                       batch_size=config["batch_size"], seed=config["seed"], lr_patience=config["lr_patience"],
+                       stop_patience=config["stop_patience"], checkpoint=Path(config["out"]) / CHECKPOINT,
+                       config=stored_config, resume=resume_state, progress=not config["quiet"], log=log)
+        except ValueError as err:  # ae-var: the likelihood refuses a log-variance whose e^(+-s) overflows
+            if config["method"] != "ae-var" or "overflows" not in str(err):
+                raise
+            raise TrainingDivergedError(f"training diverged: the decoder's {err}. {DIVERGENCE_HINT}") from None
+    trainer.load_state_dict(resume_state["trainer"])
+    if new_posterior:
+        changed = [f"--{k.replace('_', '-')} {config[k]}" for k in POSTHOC_KEYS if config[k] != stored_args.get(k)]
+        log(f"the checkpoint is of a finished run: recomputing its posterior with {', '.join(changed)}")
+        return {**resume_state, "posterior": None, "posthoc": None}
+    log("the checkpoint is of a finished run: evaluating it again")
+    return resume_state
+
+
+# ----------------------------------------------------------------------------------------------
+# ensembles: members one after another, resumable per member
+
+def _ensemble_state(members, current, stage):
+    """The ensemble's checkpoint: the finished members' states (index m = member m), the member in training
+    ({"member": m, "state": its epoch checkpoint} or None) and, for the rest of the command, the run's epoch
+    (the most any member trained) and its history (every member's epochs, tagged with the member)."""
+    states = [(m, s) for m, s in enumerate(members) if current is None or m != current["member"]]
+    states += [(current["member"], current["state"])] if current else []
+    return {"stage": stage, "epoch": max((s["epoch"] for _, s in states), default=0),
+            "history": [{"member": m, **r} for m, s in states for r in s["history"]],
+            "members": members, "current": current}
+
+
+def _member_plan(config, m, members, current):
+    """The state member m continues from (None: a new member), or False when it is finished and stays so."""
+    if current is not None and current["member"] == m:
+        return current["state"]
+    if m < len(members):
+        done = members[m]
+        return done if config["epochs"] > done["epoch"] and not _stopped_early(done) else False
+    return None
+
+
+def _train_ensemble(config, data, stored_config, resume_state, train, log):
+    """Train members 0..M-1 in turn (member m: seed member_seed(seed, m)); return the ensemble's final state."""
+    out = Path(config["out"])
+    ckpt, member_ckpt = out / CHECKPOINT, out / MEMBER
+    members = list(resume_state["members"]) if resume_state is not None else []
+    current = resume_state.get("current") if resume_state is not None else None
+    if not train:
+        log("the checkpoint is of a finished run: evaluating it again")
+        return {**resume_state, "stage": "done"}
+    member_ckpt.unlink(missing_ok=True)  # a killed run's; checkpoint.npz holds what counts
+    for m in range(config["ensemble_size"]):
+        resume = _member_plan(config, m, members, current)
+        if resume is False:
+            continue
+        log(f"ensemble member {m + 1}/{config['ensemble_size']} (seed {member_seed(config['seed'], m)})"
+            + (f": continuing after epoch {resume['epoch']}" if resume else ""))
+        trainer = _make_trainer(config, _network(config, data["train"].shape[1:], member=m), len(data["train"]))
+
+        def merge(epoch, record, m=m):
+            """After each epoch: the member's epoch checkpoint into the ensemble's checkpoint."""
+            state, _ = load_checkpoint(member_ckpt)
+            save_checkpoint(ckpt, _ensemble_state(members, {"member": m, "state": state}, "train"), stored_config)
+
+        state = fit(trainer, data["train"], data["val"], epochs=config["epochs"], batch_size=config["batch_size"],
+                    seed=member_seed(config["seed"], m), lr_patience=config["lr_patience"],
+                    stop_patience=config["stop_patience"], checkpoint=member_ckpt, config=stored_config,
+                    resume=resume, progress=not config["quiet"], log=log, on_epoch_end=merge)
+        members = members[:m] + [state] + members[m + 1:]
+        current = None
+        save_checkpoint(ckpt, _ensemble_state(members, None, "train"), stored_config)
+        member_ckpt.unlink(missing_ok=True)
+    return _ensemble_state(members, None, "done")
+
+
+def _member_summary(config, m, state):
+    """metrics.json's record of member m: its seed, epochs, best epoch and history."""
+    return {"member": m, "seed": member_seed(config["seed"], m), "epochs_trained": state["epoch"],
+            "best_epoch": (state["best"] or {}).get("epoch"), "history": state["history"]}
 
 
 class Terminated(KeyboardInterrupt):

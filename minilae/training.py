@@ -12,8 +12,9 @@ The loop (:func:`fit`) drives any *trainer*: an object with
 The schedule is the paper's: Adam (lr 1e-3), lr halved when the validation loss has not improved
 for 5 epochs, training stopped after 8 epochs without improvement; the result is the parameters
 of the best validation epoch. The validation loss is the per-pixel MSE of the *mean* network's
-reconstructions: deterministic (no sampling noise in the stopping rule) and comparable across
-the AE, post-hoc and online LAE.
+reconstructions E[x | f] (the likelihood's mean, e.g. the mean channels of the AE with learned
+variance), in evaluation mode (no dropout): deterministic (no sampling noise in the stopping rule)
+and comparable across the AE, post-hoc and online LAE and the baselines.
 
 Reproducible resumption: randomness is drawn from generators derived from (seed, epoch) at the
 start of each epoch (:func:`epoch_rngs`), one for the host-side shuffling and one on the array
@@ -33,6 +34,7 @@ import math
 import sys
 import time
 import zipfile
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np  # host side only: checkpoint files and seed derivation
@@ -45,7 +47,7 @@ from .optim import Adam, EarlyStopping, ReduceLROnPlateau
 from .validation import positive, positive_int
 
 __all__ = ["TrainingDivergedError", "CheckpointError", "MAPTrainer", "fit", "epoch_rngs", "DIVERGENCE_FACTOR",
-           "reconstruction_mse", "check_finite", "model_signature", "check_signature",
+           "reconstruction_mse", "reconstruction_stats", "training_mode", "check_finite", "model_signature", "check_signature",
            "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
@@ -81,20 +83,42 @@ def check_finite(name, a, step):
             f"(nan/inf). {DIVERGENCE_HINT}")
 
 
-def reconstruction_stats(f, x, nll):
-    """Host floats for logging: mean nll per image and per-pixel MSE of the batch."""
-    return {"nll": float(nll.mean()), "mse": float(((f - x) ** 2).mean())}
+def reconstruction_stats(f, x, nll, likelihood=None):
+    """Host floats for logging: mean nll per image and per-pixel MSE of the reconstruction E[x | f] (f itself
+    without a likelihood; the mean channels of a mean-and-log-variance output)."""
+    x_hat = f if likelihood is None else likelihood.mean(f)
+    return {"nll": float(nll.mean()), "mse": float(((x_hat - x) ** 2).mean())}
 
 
-def reconstruction_mse(model, x, batch_size=500):
-    """Per-pixel MSE of the model's reconstructions, mean over all images of the host array x."""
+@contextmanager
+def training_mode(model, mode=True):
+    """Run a block with model.train(mode) (Dropout draws masks only in training mode); the mode comes back after."""
+    was = _modes(model)
+    model.train(mode)
+    try:
+        yield model
+    finally:
+        for layer, flag in was:  # each layer's own flag: a chain may hold layers set apart (an eval-mode Dropout)
+            layer.training = flag
+
+
+def _modes(layer):
+    """[(layer, layer.training)] for the layer and every layer inside it."""
+    return [(layer, layer.training)] + [m for sub in getattr(layer, "layers", ()) for m in _modes(sub)]
+
+
+def reconstruction_mse(model, x, batch_size=500, likelihood=None):
+    """Per-pixel MSE of the reconstructions E[x | f] (f without a likelihood), mean over all images of the host
+    array x; in evaluation mode, so a dropout model's validation loss is deterministic."""
     if len(x) == 0:
         raise ValueError("reconstruction_mse needs at least one image")
     dtype = model.get_params().dtype
     total = 0.0
-    for xb in batches(x, batch_size, shuffle=False):
-        xb = asarray(xb, dtype=dtype)
-        total += float(((model.forward(xb) - xb) ** 2).sum())
+    with training_mode(model, False):
+        for xb in batches(x, batch_size, shuffle=False):
+            xb = asarray(xb, dtype=dtype)
+            f = model.forward(xb)
+            total += float((((f if likelihood is None else likelihood.mean(f)) - xb) ** 2).sum())
     return total / x.size
 
 
@@ -140,12 +164,16 @@ class MAPTrainer:
         return None
 
     def loss_and_grad(self, x):
-        """Forward at the current parameters; (f, nll (B,), grad of mean_b nll_b + lambda/(2N) ||theta||^2 (P,))."""
-        f = self.model.forward(x)
-        check_finite("the reconstruction", f, self.t + 1)
-        nll = self.likelihood.nll(f, x)
-        # d/dtheta mean_b l_b = J^T (dl/df / B): one backward pass
-        grad = self.model.vjp_params(self.likelihood.grad(f, x) / x.shape[0])
+        """Forward at the current parameters; (f, nll (B,), grad of mean_b nll_b + lambda/(2N) ||theta||^2 (P,)).
+
+        The forward runs in training mode: a dropout model draws a new mask, and the gradient is that of the
+        network the mask selects."""
+        with training_mode(self.model, True):
+            f = self.model.forward(x)
+            check_finite("the reconstruction", f, self.t + 1)
+            nll = self.likelihood.nll(f, x)
+            # d/dtheta mean_b l_b = J^T (dl/df / B): one backward pass
+            grad = self.model.vjp_params(self.likelihood.grad(f, x) / x.shape[0])
         if self.prior_precision:
             grad += (self.prior_precision / self.n_data) * self.theta  # the prior: weight decay lambda / N
         check_finite("the gradient", grad, self.t + 1)
@@ -154,7 +182,7 @@ class MAPTrainer:
     def step(self, x, rng=None):
         """One minibatch: gradient at theta, optimiser step; returns host stats."""
         f, nll, grad = self.loss_and_grad(x)
-        stats = reconstruction_stats(f, x, nll)
+        stats = reconstruction_stats(f, x, nll, self.likelihood)
         self.optimizer.step(self.theta, grad)
         self.t += 1
         check_finite("the parameters", self.theta, self.t)
@@ -232,7 +260,7 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
         log(f"resumed from the checkpoint after epoch {run['epoch']} (step {trainer.t})")
     else:
         run = {"epoch": 0, "history": [], "best": None,
-               "untrained_val_mse": reconstruction_mse(trainer.model, x_val)}
+               "untrained_val_mse": reconstruction_mse(trainer.model, x_val, likelihood=_likelihood(trainer))}
     dtype = trainer.theta.dtype
     steps_per_epoch = n_batches(len(x_train), batch_size)
     for epoch in range(run["epoch"], epochs):
@@ -255,7 +283,7 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
         if bar is not None:
             bar.close()
         train_time = time.perf_counter() - start
-        val_mse = reconstruction_mse(trainer.model, x_val)
+        val_mse = reconstruction_mse(trainer.model, x_val, likelihood=_likelihood(trainer))
         _check_val_mse(val_mse, run["untrained_val_mse"], divergence_factor, epoch + 1, trainer.t)
         record = {"epoch": epoch + 1, "step": trainer.t, "lr": trainer.optimizer.lr,
                   **{f"train_{k}": v / seen for k, v in sums.items()}, "val_mse": val_mse,
@@ -284,6 +312,11 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
             last = trainer.snapshot()
         trainer.restore(run["best"])
     return _run_state(trainer, scheduler, stopper, run, stage="train", last=last)
+
+
+def _likelihood(trainer):
+    """The trainer's likelihood, whose mean(f) is the reconstruction the validation MSE scores (None: f itself)."""
+    return getattr(trainer, "likelihood", None)
 
 
 def _check_val_mse(val_mse, untrained, factor, epoch, step):

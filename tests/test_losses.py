@@ -6,8 +6,8 @@ import scipy.special
 import scipy.stats
 
 from minilae.backend import asarray, to_numpy, xp
-from minilae.gradcheck import assert_close, numerical_gradient, numerical_hessian
-from minilae.losses import Bernoulli, Categorical, Gaussian, get_likelihood
+from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient, numerical_hessian
+from minilae.losses import Bernoulli, Categorical, Gaussian, HeteroscedasticGaussian, get_likelihood
 
 SIGMA = 0.7
 
@@ -300,5 +300,169 @@ def test_get_likelihood_factory():
     assert isinstance(get_likelihood("gaussian"), Gaussian)
     assert isinstance(get_likelihood("bernoulli"), Bernoulli)
     assert isinstance(get_likelihood("Categorical"), Categorical)
-    with pytest.raises(ValueError, match="bernoulli, categorical, gaussian, mse"):
+    with pytest.raises(ValueError, match="bernoulli, categorical, gaussian, heteroscedastic, mse"):
         get_likelihood("poisson")
+    assert isinstance(get_likelihood("heteroscedastic"), HeteroscedasticGaussian)
+
+
+# ---------------------------------------------------------------------------------------------
+# the heteroscedastic Gaussian: f = (mu, s = log sigma^2) stacked along axis 1, so its own cases
+
+# target shape y (B, *out); f has twice the channels (axis 1)
+HET_SHAPES = [(4, 3), (2, 1, 3, 3), (2, 2, 2, 3)]
+HET_IDS = ["x".join(map(str, s)) for s in HET_SHAPES]
+
+
+def het_case(y_shape, seed=0):
+    """(lik, f, y) with mu ~ N(0, 1), s ~ U(-1.5, 1.5) and y ~ N(0, 1.5^2), so the residuals r = y - mu vary."""
+    rng = np.random.default_rng(seed)
+    f_shape = (y_shape[0], 2 * y_shape[1]) + tuple(y_shape[2:])
+    f = rng.standard_normal(f_shape)
+    f[:, y_shape[1]:] = rng.uniform(-1.5, 1.5, size=y_shape)
+    return HeteroscedasticGaussian(), asarray(f), asarray(1.5 * rng.standard_normal(y_shape))
+
+
+@pytest.mark.parametrize("shape", HET_SHAPES, ids=HET_IDS)
+def test_heteroscedastic_nll_matches_scipy(shape):
+    """Catches a wrong constant or a sigma/sigma^2 mix-up: l = -sum log N(y | mu, e^s) from scipy."""
+    lik, f, y = het_case(shape)
+    c = shape[1]
+    mu, s = to_numpy(f)[:, :c], to_numpy(f)[:, c:]
+    expected = -scipy.stats.norm.logpdf(to_numpy(y), loc=mu, scale=np.exp(0.5 * s)).reshape(shape[0], -1).sum(axis=1)
+    assert_close(lik.nll(f, y), expected, 1e-13, "heteroscedastic nll")
+    assert_close(lik.mean(f), mu, 0, "mean = mu")
+    assert_close(lik.variance(f), np.exp(s), 1e-15, "variance = e^s")
+
+
+@pytest.mark.parametrize("shape", HET_SHAPES, ids=HET_IDS)
+def test_heteroscedastic_grad_matches_finite_differences(shape):
+    """Catches a wrong sign or factor in dl/dmu = -r e^-s or dl/ds = (1 - r^2 e^-s) / 2, or the halves swapped."""
+    lik, f, y = het_case(shape)
+    total = lik.nll(f, y).sum()
+    numerical = numerical_gradient(lambda z: lik.nll(z, y).sum(), f)
+    assert lik.grad(f, y).shape == f.shape
+    # entries near 0 are limited by the round-off of differencing the total nll: 10x that floor as atol
+    assert_close(lik.grad(f, y), numerical, 1e-7, "heteroscedastic grad", atol=10 * fd_roundoff(abs(float(total))))
+
+
+@pytest.mark.parametrize("shape", HET_SHAPES, ids=HET_IDS)
+def test_heteroscedastic_hess_is_the_true_hessian(shape):
+    """Catches a wrong cross term r e^-s, a wrong r^2 e^-s / 2, or the (mu_i, s_i) pairing misplaced in C order."""
+    lik, f, y = het_case(shape)
+    H = lik.hess(f, y)
+    assert H.shape == (f.shape[0], f[0].size, f[0].size)
+    numerical = numerical_hessian(lambda z: lik.grad(z, y), f)
+    atol = 10 * fd_roundoff(float(xp().abs(lik.grad(f, y)).max()))  # zeros off the 2 x 2 blocks: round-off only
+    assert_close(scipy.linalg.block_diag(*to_numpy(H)), numerical, 1e-7, "true Hessian", atol=atol)
+    # it really depends on y and is indefinite (why hess_diag / hess_sqrt hand out the Fisher instead)
+    assert np.linalg.eigvalsh(to_numpy(H)).min() < 0
+    assert not np.allclose(to_numpy(lik.hess(f, y + 1.0)), to_numpy(H))
+    with pytest.raises(ValueError, match="depends on y"):
+        lik.hess(f)
+
+
+@pytest.mark.parametrize("shape", HET_SHAPES, ids=HET_IDS)
+def test_heteroscedastic_fisher_is_expected_hessian(shape):
+    """Catches a Fisher that is not E_y[H]: E over y ~ N(mu, e^s) of the true Hessian, exactly by Gauss-Hermite.
+
+    H is quadratic in r, so a 3-point Gauss-Hermite rule per output (exact up to degree 5) gives E_y[H] exactly;
+    the outputs are independent, so each output's expectation only needs its own r.
+    """
+    lik, f, _ = het_case(shape)
+    c = shape[1]
+    mu, s = f[:, :c], f[:, c:]
+    nodes, weights = np.polynomial.hermite_e.hermegauss(3)
+    weights = weights / weights.sum()
+    expected = sum(w * lik.hess(f, mu + float(t) * xp().exp(0.5 * s)) for t, w in zip(nodes, weights))
+    F = lik.fisher(f)
+    # the cross terms r e^-s cancel between the nodes +-sqrt 3 only up to round-off: atol 1e-15
+    assert_close(F, expected, 1e-13, "Fisher = E_y[H]", atol=1e-15)
+    assert_close(lik.hess_diag(f), np.diagonal(to_numpy(F), axis1=1, axis2=2).reshape(f.shape), 1e-15,
+                 "hess_diag = diag(Fisher)")
+    assert_close(lik.hess_diag(f, lik.sample(f, xp().random.default_rng(0))), lik.hess_diag(f), 0,
+                 "the Fisher does not depend on y")
+
+
+@pytest.mark.parametrize("shape", HET_SHAPES, ids=HET_IDS)
+def test_heteroscedastic_fisher_factor_is_psd_square_root(shape):
+    """Catches a factor S that does not square to the Fisher (e.g. e^{-s} in place of e^{-s/2}, or a lost 1/sqrt 2)."""
+    lik, f, y = het_case(shape)
+    S = lik.hess_sqrt(f, y)
+    assert S.shape == (f.shape[0], f[0].size, f[0].size)
+    F = S @ S.transpose(0, 2, 1)
+    assert_close(F, lik.fisher(f), 1e-14, "S S^T = Fisher")
+    assert np.linalg.eigvalsh(to_numpy(F)).min() > 0
+
+
+def test_heteroscedastic_monte_carlo_fisher_matches_fisher():
+    """Catches sample() drawing from another distribution than nll's: E_y[g g^T] over its draws is the Fisher."""
+    lik, f0, _ = het_case((1, 2, 3), seed=3)
+    f = xp().repeat(f0, N_SAMPLES, axis=0)
+    g = lik.grad(f, lik.sample(f, xp().random.default_rng(9))).reshape(N_SAMPLES, -1)
+    mc = to_numpy(g.T @ g) / N_SAMPLES
+    F = to_numpy(lik.fisher(f0))[0]
+    # each entry of g g^T has variance <= ~3 (fourth moments of N(0, 1) terms): 5 standard errors of a mean over N
+    np.testing.assert_allclose(mc, F, atol=5 * np.sqrt(3.0 / N_SAMPLES))
+
+
+def test_heteroscedastic_sample_moments():
+    """Catches e^s used as the standard deviation (or e^{s/2} as the variance): mean mu and variance e^s."""
+    lik, f0, _ = het_case((1, 1, 2, 2), seed=4)
+    f = xp().repeat(f0, N_SAMPLES, axis=0)
+    y = to_numpy(lik.sample(f, xp().random.default_rng(10)))
+    assert y.shape == (N_SAMPLES, 1, 2, 2)
+    var = to_numpy(lik.variance(f0))[0]
+    np.testing.assert_allclose(y.mean(axis=0), to_numpy(lik.mean(f0))[0], atol=5 * np.sqrt(var.max() / N_SAMPLES))
+    # the sample variance of N normals has standard deviation var sqrt(2 / N)
+    np.testing.assert_allclose(y.var(axis=0), var, atol=5 * var.max() * np.sqrt(2.0 / N_SAMPLES))
+
+
+def test_heteroscedastic_extreme_log_variance_is_finite_or_refused():
+    """Catches r^2 e^{-s} computed as a product that overflows, and out-of-range s silently giving inf."""
+    lik = HeteroscedasticGaussian()
+    f = asarray(np.array([[0.0, -700.0], [0.0, 700.0]]))
+    y = asarray(np.array([[1e-300], [1e150]]))
+    nll = to_numpy(lik.nll(f, y))
+    # sample 1: r^2 e^{-s} = 1e-600 e^{700} = e^{700 - 1381.6}; sample 2: 1e300 e^{-700}
+    expected = 0.5 * (np.array([-700.0, 700.0]) + np.exp([2 * np.log(1e-300) + 700, 2 * np.log(1e150) - 700])
+                      + np.log(2 * np.pi))
+    np.testing.assert_allclose(nll, expected, rtol=1e-12)
+    assert np.all(np.isfinite(to_numpy(lik.grad(f, y))))
+    with pytest.raises(ValueError, match="overflows"):
+        lik.nll(asarray(np.array([[0.0, -800.0]])), asarray(np.array([[0.0]])))
+
+
+def test_heteroscedastic_bad_shapes_raise():
+    """Catches f without the doubled channels, or y of f's full shape, being accepted."""
+    lik = HeteroscedasticGaussian()
+    with pytest.raises(ValueError, match="even number of channels"):
+        lik.nll(asarray(np.zeros((2, 3))), asarray(np.zeros((2, 1))))
+    with pytest.raises(ValueError, match="mean half"):
+        lik.grad(asarray(np.zeros((2, 4))), asarray(np.zeros((2, 4))))
+    with pytest.raises(ValueError, match="mean half"):
+        lik.hess(asarray(np.zeros((2, 2, 3, 3))), asarray(np.zeros((2, 1, 3, 2))))
+    with pytest.raises(ValueError, match="at least 2"):
+        lik.mean(asarray(np.zeros(4)))
+    with pytest.raises(ValueError, match="f contains 1 non-finite"):
+        lik.variance(asarray(np.array([[0.0, np.nan]])))
+
+
+@pytest.mark.parametrize("method", ["approx", "sqrt"])
+def test_heteroscedastic_ggn_of_the_hessian_engine_is_the_fisher_ggn(method, rng):
+    """The engine's 'approx' and 'sqrt' diagonals read hess_diag / hess_sqrt, so for this likelihood they give the
+    PSD GGN sum_b J_b^T F_b J_b with the Fisher F (exact here: two Linear layers, M diagonal at the output), not
+    the true Hessian's J^T H J. Catches hess_diag / hess_sqrt handing the engine the indefinite true Hessian
+    (negative GGN entries would make a Laplace precision invalid)."""
+    from minilae.hessian import ggn_diagonal  # noqa: PLC0415
+    from minilae.layers import Linear, Sequential, Tanh  # noqa: PLC0415
+    model = Sequential(Linear(3, 5, rng=rng), Tanh(), Linear(5, 4, rng=rng))
+    x, y = asarray(rng.standard_normal((6, 3))), asarray(3 * rng.standard_normal((6, 2)))
+    lik = HeteroscedasticGaussian()
+    f = model(x)
+    J = model.jac_params(x)
+    fisher_ggn = xp().einsum("bdp,bde,bep->p", J, lik.fisher(f), J)
+    true_ggn = xp().einsum("bdp,bde,bep->p", J, lik.hess(f, y), J)
+    assert float(xp().abs(fisher_ggn - true_ggn).max()) > 0.1  # the two really differ at these targets
+    G = ggn_diagonal(model, lik, x, y, method=method)
+    assert_close(G, fisher_ggn, 1e-12, f"ggn_diagonal(method={method!r}) vs J^T F J")
+    assert float(G.min()) >= 0

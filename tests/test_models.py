@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from minilae.backend import asarray, set_default_dtype, xp
+from minilae.backend import asarray, set_default_dtype, to_numpy, xp
 from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient, numerical_jacobian
 from minilae.layers import Conv2d, Flatten, Linear, MaxPool2d, Reshape, Tanh, Upsample
 from minilae.losses import Gaussian
@@ -330,3 +330,125 @@ def test_error_messages_name_the_model_in_one_line(rng):
             run()
         message = str(info.value)
         assert "\n" not in message and message.startswith(f"Autoencoder({len(model)} layers): "), message
+
+
+# ---- the baselines' variants: mean-and-log-variance output, dropout between trainable layers --------
+
+from minilae.layers import Dropout  # noqa: E402
+from minilae.models import OUTPUTS  # noqa: E402
+
+VARIANT_SHAPES = {"mlp": ((1, 4, 4), dict(hidden=(5, 3))), "conv": ((2, 4, 8), dict(channels=(2, 3), hidden=(5,)))}
+
+
+def variant(kind, seed=0, **kw):
+    shape, arch = VARIANT_SHAPES[kind]
+    build = mlp_autoencoder if kind == "mlp" else conv_autoencoder
+    return build(shape, 2, seed=seed, **arch, **kw)
+
+
+def trainable(layer):
+    return layer.num_params > 0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_dropout_sits_after_every_trainable_layer_but_the_last(kind):
+    """Catches a Dropout missing between two trainable layers (e.g. on the code z), one after the output layer
+    (it would randomise the reconstruction itself), or dropout=p changing the weights' initialisation."""
+    plain, model = variant(kind), variant(kind, dropout=0.2)
+    layers = list(model)
+    positions = [i for i, layer in enumerate(layers) if trainable(layer)]
+    for a, b in zip(positions[:-1], positions[1:]):  # exactly one Dropout between consecutive trainable layers
+        assert sum(isinstance(layer, Dropout) for layer in layers[a + 1:b]) == 1, layers[a:b + 1]
+    assert not any(isinstance(layer, Dropout) for layer in layers[positions[-1]:])
+    assert all(d.p == 0.2 for d in model.dropout_layers) and model.dropout == 0.2
+    assert isinstance(layers[model.n_encoder], Dropout)  # the code's dropout belongs to the decoder: encode gives z
+    assert [type(layer) for layer in layers if not isinstance(layer, Dropout)] == [type(layer) for layer in plain]
+    np.testing.assert_array_equal(to_numpy(model.get_params()), to_numpy(plain.get_params()))
+    assert plain.dropout_layers == [] and plain.dropout == 0.0
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_mean_logvar_output_doubles_the_channels(kind, rng):
+    """Catches the log-variance channels missing or interleaved (f (B, 2C, H, W) must hold mu then s) and the
+    encoder or the rest of the decoder changing."""
+    plain, model = variant(kind), variant(kind, output="mean_logvar")
+    C, H, W = model.input_shape
+    assert model.output == "mean_logvar" and model.output_shape == (2 * C, H, W) and plain.output_shape == (C, H, W)
+    x = asarray(rng.random((3,) + model.input_shape))
+    f = model(x)
+    assert f.shape == (3, 2 * C, H, W)
+    last = [layer for layer in model if trainable(layer)][-1]
+    half = last.weight.shape[0] // 2  # output units per half: d for the MLP's Linear, C for the conv's Conv2d
+    assert half == (C * H * W if kind == "mlp" else C)
+    assert model.num_params == plain.num_params + half * (last.weight[0].size + 1)
+    # the encoder and all but the last layer are the plain model's (same seed)
+    for a, b in zip([l for l in model if trainable(l)][:-1], [l for l in plain if trainable(l)][:-1]):
+        np.testing.assert_array_equal(to_numpy(a.get_params()), to_numpy(b.get_params()))
+    np.testing.assert_array_equal(to_numpy(model.encode(x)), to_numpy(plain.encode(x)))
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+def test_dropout_masks_are_redrawn_per_forward_and_reproducible_after_reseeding(kind, rng):
+    """Catches a mask drawn once and reused (MC dropout would then have no variance), dropout acting in
+    evaluation mode, and reseed_dropout not reaching every layer (the passes would not repeat)."""
+    model = variant(kind, dropout=0.3).train()
+    x = asarray(rng.random((2,) + model.input_shape))
+    model.reseed_dropout(xp().random.default_rng(5))
+    passes = [to_numpy(model(x)) for _ in range(3)]
+    assert not np.allclose(passes[0], passes[1]) and not np.allclose(passes[1], passes[2])
+    model.reseed_dropout(xp().random.default_rng(5))
+    for expected in passes:
+        np.testing.assert_array_equal(to_numpy(model(x)), expected)
+    model.reseed_dropout(6)  # an int seed makes a backend generator
+    assert not np.allclose(to_numpy(model(x)), passes[0])
+    model.eval()
+    np.testing.assert_array_equal(to_numpy(model(x)), to_numpy(variant(kind)(x)))  # evaluation: the plain network
+    with pytest.raises(TypeError, match="backend Generator"):
+        model.reseed_dropout("seed")
+
+
+@pytest.mark.parametrize("kind", ["mlp", "conv"])
+@pytest.mark.parametrize("output", OUTPUTS)
+def test_dropout_jacobians_with_a_held_mask_match_finite_differences(kind, output, rng):
+    """J_p^T v and J_in^T v of a training-mode dropout model, its masks held by reseeding before every forward,
+    against central differences. Catches a Dropout backprop that ignores its mask or the 1 / (1 - p) scale."""
+    model = variant(kind, dropout=0.3, output=output).train()
+    x = asarray(rng.random((2,) + model.input_shape))
+
+    def held(z=x):
+        model.reseed_dropout(xp().random.default_rng(11))
+        return model(z)
+
+    v = asarray(rng.standard_normal((2,) + model.output_shape))
+    f = held()
+    g_params, g_input = model.vjp_params(v), model.vjp_input(v)
+    theta = model.get_params()
+
+    def inner(th):
+        model.set_params(th)
+        return (held() * v).sum().reshape(1)
+
+    atol = 10 * fd_roundoff(float(xp().abs(f * v).sum()))  # 10x the differences' round-off floor
+    assert_close(g_params, numerical_gradient(inner, theta.copy()), RTOL, "J_p^T v with a held mask", atol=atol)
+    model.set_params(theta)
+    J = numerical_jacobian(lambda z: held(z), x.copy())
+    assert_close(g_input, (v.reshape(-1) @ J).reshape(x.shape), RTOL, "J_in^T v with a held mask",
+                 atol=atol * float(xp().linalg.norm(v)))
+    # the mask really matters: the plain network's gradient differs
+    model.eval()
+    model(x)
+    assert not np.allclose(to_numpy(model.vjp_params(v)), to_numpy(g_params))
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.0, 1.5, float("nan"), True, False, "0.2", None])
+def test_dropout_outside_the_unit_interval_is_refused(p):
+    """Catches p = 1 (division by zero in 1 / (1 - p)), a negative p or a non-number accepted silently."""
+    for kind in ("mlp", "conv"):
+        with pytest.raises(ValueError, match=r"dropout probability must be a number in \[0, 1\), got"):
+            build_model(kind, (1, 8, 8), 2, dropout=p)
+
+
+def test_unknown_output_is_refused():
+    """Catches a misspelt output silently building the plain decoder."""
+    with pytest.raises(ValueError, match="unknown output 'logvar'; choose one of mean, mean_logvar"):
+        build_model("mlp", (1, 8, 8), 2, output="logvar")

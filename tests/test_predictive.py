@@ -7,7 +7,7 @@ from minilae import backend
 from minilae.hessian import MemoryBudgetError
 from minilae.laplace import DiagonalLaplace
 from minilae.models import mlp_autoencoder
-from minilae.predictive import _Moments, predict, predict_decoder
+from minilae.predictive import Pass, _Moments, predict, predict_decoder, predict_draws
 
 IMAGE = (1, 3, 2)
 
@@ -123,3 +123,52 @@ def test_a_budget_below_one_input_is_refused(rng):
     model, posterior, x = setup(rng)
     with pytest.raises(MemoryBudgetError, match="per input, more than the memory budget"):
         predict(model, x, posterior, n_samples=2, memory_budget=10)
+
+
+class _OwnVarianceDraw:
+    """A draw that predicts its own variances: z_k = k, z_var_k = k^2; x_k = 2k, x_var_k = 3; nll_k = k."""
+
+    def __init__(self, k, n, d):
+        self.k, self.n, self.d = k, n, d
+
+    def reconstruct(self, x):
+        xp, b = backend.xp(), x.shape[0]
+        full = lambda value, shape: xp.full(shape, float(value))  # noqa: E731
+        return Pass(full(self.k, (b, 2)), full(self.k**2, (b, 2)), full(2 * self.k, x.shape), full(3, x.shape),
+                    full(self.k, (b,)))
+
+
+def test_own_variances_add_by_the_law_of_total_variance(rng):
+    """Catches a draw's own variance (ae-var's e^s, a VAE's encoder variance) dropped or averaged wrongly: for
+    k = 1..4, Var[z] = Var_k k + E_k k^2 = 1.25 + 7.5, Var[x] = Var_k 2k + 3 = 5 + 3, log p = -E_k k = -2.5."""
+    x = rng.uniform(size=(5,) + IMAGE)
+    pred = predict_draws(lambda: (_OwnVarianceDraw(k, 5, 6) for k in range(1, 5)), x, 2, np.dtype("float64"),
+                         batch_size=2).to_numpy()
+    np.testing.assert_allclose(pred.z_mean, 2.5)
+    np.testing.assert_allclose(pred.z_var, 1.25 + 7.5)
+    np.testing.assert_allclose(pred.x_mean, 5.0)
+    np.testing.assert_allclose(pred.x_var, 5.0 + 3.0)
+    np.testing.assert_allclose(pred.log_px, -2.5)
+    assert pred.n_samples == 4
+
+
+def test_an_error_mid_prediction_puts_the_parameters_back(rng, monkeypatch):
+    """Catches the sampled network left in the model when a prediction fails part-way: the draws' generator
+    must be closed at once, not when it is garbage-collected - which never happens while the exception is kept
+    (as a notebook keeps the last traceback; here: `failure`)."""
+    model, posterior, x = setup(rng)
+    theta = backend.to_numpy(model.get_params())
+    calls = []
+    real_decode = model.decode
+
+    def failing_decode(z):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("out of memory, say")
+        return real_decode(z)
+
+    monkeypatch.setattr(model, "decode", failing_decode)
+    with pytest.raises(RuntimeError, match="out of memory") as failure:
+        predict(model, x, posterior, n_samples=5, rng=1)
+    np.testing.assert_array_equal(backend.to_numpy(model.get_params()), theta)
+    assert failure.value.__traceback__ is not None  # still held

@@ -15,6 +15,7 @@ import pytest
 from conftest import require_data
 
 from minilae import train
+from minilae.data import load_dataset
 from minilae.hessian import chain
 from minilae.posthoc import fit_posthoc
 from minilae.training import load_checkpoint, save_checkpoint
@@ -73,6 +74,12 @@ def test_no_flags_means_the_online_lae_on_mnist():
     (["--hessian", "kfac"], "invalid choice"),
     (["--backend", "jax"], "invalid choice"),
     (["--seed", "-3"], "integer >= 0"),
+    (["--ensemble-size", "0"], "positive integer"),
+    (["--dropout", "1.0"], "dropout probability p in [0, 1)"),
+    (["--dropout", "-0.1"], "dropout probability p in [0, 1)"),
+    (["--beta", "-1"], "KL weight beta >= 0"),
+    (["--beta", "inf"], "KL weight beta >= 0"),
+    (["--method", "gp"], "invalid choice"),
 ])
 def test_wrong_flag_values_are_usage_errors(args, message, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -119,11 +126,12 @@ def test_end_to_end_on_mnist(method, tmp_path, capsys, monkeypatch):
     state, _ = load_checkpoint(out / "checkpoint.npz")
     assert state["stage"] == "done" and state["epoch"] == 2
 
-    model, posterior, args = train.load_run(out)  # what a notebook does with a finished run
-    np.testing.assert_array_equal(model.get_params(), state["trainer"]["theta"])
-    assert args["method"] == method and (posterior is None) == (method == "ae")
-    if posterior is not None:
-        assert posterior.prior_precision == metrics["posterior"]["prior_precision"]
+    predictor = train.load_run(out)  # what a notebook does with a finished run
+    np.testing.assert_array_equal(predictor.model.get_params(), state["trainer"]["theta"])
+    assert predictor.method == predictor.config["method"] == method
+    assert (predictor.posterior is None) == (method == "ae") and predictor.stochastic == (method != "ae")
+    if predictor.posterior is not None:
+        assert predictor.posterior.prior_precision == metrics["posterior"]["prior_precision"]
 
 
 @pytest.mark.slow
@@ -287,6 +295,7 @@ def test_overwrite_replaces_only_the_run_files(finished_run, tmp_path, capsys, m
     monkeypatch.setenv("MINILAE_DATA", data_root())
     run_dir = copy_run(finished_run, tmp_path)
     (run_dir / "latent.png").write_bytes(b"old figure")
+    (run_dir / "member.npz").write_bytes(b"an ensemble member's epoch checkpoint")
     (run_dir / "notes.txt").write_text("mine")
     assert train.main([*TINY, "--method", "ae", "--out", str(run_dir), "--overwrite"]) == 0
     assert json.loads((run_dir / "metrics.json").read_text())["config"]["method"] == "ae"
@@ -576,10 +585,171 @@ def test_minilae_backend_cupy_without_cupy_does_not_break_help_or_backend_numpy(
     assert "usage:" in result.stdout if "--help" in args else (tmp_path / "run" / "metrics.json").is_file()
 
 
-@pytest.mark.parametrize("method", ["ae", "online"])
+@pytest.mark.parametrize("method", ["ae", "online", "vae", "mc-dropout", "ensemble", "ae-var"])
 def test_an_exploding_loss_stops_with_the_divergence_error(method, tmp_path, capsys, monkeypatch):
-    """Catches --lr 10 ending with exit 0 and a validation MSE of ~1e6 marked [best]: only nan/inf counted."""
+    """Catches --lr 10 ending with exit 0 and a validation MSE of ~1e6 marked [best]: only nan/inf counted;
+    and (ae-var) a decoded log-variance whose e^s overflows escaping as a traceback."""
     monkeypatch.setenv("MINILAE_DATA", data_root())
-    assert train.main(["--method", method, *TINY, "--lr", "10", "--out", str(tmp_path / "run")]) == 1
-    one_line_error(capsys.readouterr().err, "training diverged in epoch 1", "times the untrained model's",
-                   "smaller learning rate (--lr)")
+    out = tmp_path / "run"
+    assert train.main(["--method", method, *TINY, "--ensemble-size", "2", "--lr", "10", "--out", str(out)]) == 1
+    said = (["log-variance", "overflows float32"] if method == "ae-var"
+            else ["training diverged in epoch 1", "times the untrained model's"])
+    one_line_error(capsys.readouterr().err, "training diverged", *said, "smaller learning rate (--lr)")
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------------------------
+# the baselines (issue 10): every method from the command, through one Predictor
+
+BASELINES = ("ae-var", "vae", "mc-dropout", "ensemble")
+SMALL = ["--epochs", "2", "--limit-train", "256", "--limit-val", "64", "--samples", "4", "--quiet",
+         "--ensemble-size", "2", "--seed", "2"]
+
+
+@pytest.fixture(scope="module")
+def baseline_runs(tmp_path_factory):
+    """One two-epoch run of every baseline, on the guard backend (every host/device slip of the new code fails
+    here), with what each handed the Fig. 1 plot: {method: (run folder, (heat-map given?, note))}."""
+    root, runs = tmp_path_factory.mktemp("baselines"), {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MINILAE_DATA", data_root())
+        mp.setenv("MINILAE_BACKEND", "guard")
+        from minilae import plots  # noqa: PLC0415
+        real, seen = plots.plot_latent_variance, {}
+
+        def spy(z, labels, xs, ys, variance, path, title="", note=None):
+            seen["latent"] = (variance is not None, note)
+            return real(z, labels, xs, ys, variance, path, title=title, note=note)
+
+        mp.setattr(plots, "plot_latent_variance", spy)
+        for method in BASELINES:
+            out = root / method
+            assert train.main(["--method", method, *SMALL, "--out", str(out)]) == 0, method
+            runs[method] = (out, seen.pop("latent"))
+    return runs
+
+
+def val_images(n=64):
+    return load_dataset("mnist", "val", root=data_root())[0][:n]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", BASELINES)
+def test_every_baseline_trains_from_the_command_and_predicts(method, baseline_runs, monkeypatch):
+    """Catches a baseline whose loss does not fall, whose metrics or figures are missing, whose prediction has
+    other shapes or a negative / non-finite variance, and a load_run that gives back another predictor than the
+    run evaluated (other weights, members, masks or codes)."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    out, (heat_map, note) = baseline_runs[method]
+    metrics = json.loads((out / "metrics.json").read_text())
+    state, _ = load_checkpoint(out / "checkpoint.npz")
+    assert metrics["config"]["method"] == method and state["stage"] == "done"
+    histories = ([m["history"] for m in metrics["members"]] if method == "ensemble" else [metrics["history"]])
+    untrained = ([m["untrained_val_mse"] for m in state["members"]] if method == "ensemble"
+                 else [state["untrained_val_mse"]])
+    for history, before in zip(histories, untrained, strict=True):
+        assert [r["epoch"] for r in history] == [1, 2]
+        assert history[-1]["val_mse"] < before and history[1]["train_nll"] < history[0]["train_nll"]
+    for part in ("val", "ood"):
+        assert np.isfinite([metrics[part][k] for k in ("mse", "log_px", "x_var", "z_var")]).all()
+        assert metrics[part]["x_var"] >= 0 and metrics[part]["z_var"] >= 0
+    assert metrics["val"]["n_samples"] == (2 if method == "ensemble" else 1 if method == "ae-var" else 4)
+    assert (metrics["val"]["x_var"] > 0) and ((metrics["val"]["z_var"] > 0) == (method != "ae-var"))
+    for name in ("reconstructions.png", "latent.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert heat_map == (method != "vae") and (note is None) == heat_map
+    if method == "ensemble":
+        assert [m["seed"] for m in metrics["members"]] == [train.member_seed(2, m) for m in range(2)]
+        assert len({m["seed"] for m in metrics["members"]}) == 2
+
+    predictor = train.load_run(out, method=method)
+    x = val_images()
+    pred = predictor.predict(x, n_samples=4, rng=train._evaluation_rng(2))
+    assert pred.summary() == metrics["val"]  # the same draws as the run's own evaluation
+    assert pred.x_mean.shape == pred.x_var.shape == x.shape and pred.z_var.shape == (64, 2)
+    assert (pred.x_var >= 0).all() and np.isfinite(pred.x_var).all()
+    K = 1 if method == "ae-var" else 3
+    assert predictor.sample_codes(x, 3, rng=1).shape == (K, 64, 2)
+    assert predictor.sample_reconstructions(x, 3, rng=1).shape == (K, 64, 1, 28, 28)
+
+
+@pytest.mark.slow
+def test_a_run_of_another_method_given_to_the_loader_is_refused(baseline_runs):
+    """Catches load_run(DIR, method='ae') quietly handing back a VAE (a downstream table row mislabelled)."""
+    out, _ = baseline_runs["vae"]
+    with pytest.raises(ValueError, match=r"holds a run of method 'vae', not 'ae'"):
+        train.load_run(out, method="ae")
+    with pytest.raises(ValueError, match="unknown method 'gp'"):
+        train.load_run(out, method="gp")
+    assert train.load_run(out).method == "vae"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["vae", "mc-dropout"])
+def test_a_resumed_run_ends_equal_to_an_uninterrupted_one(method, baseline_runs, tmp_path, monkeypatch):
+    """Catches noise (the VAE's codes, the dropout masks) drawn from generators that a resumed run does not
+    re-create: the run cut after epoch 1 and resumed would end with other weights."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    full, _ = baseline_runs[method]
+    cut = tmp_path / "cut"
+    flags = [f if f != "2" or i != 1 else "1" for i, f in enumerate(SMALL)]  # --epochs 1
+    assert train.main(["--method", method, *flags, "--no-plots", "--out", str(cut)]) == 0
+    assert train.main(["--out", str(cut), "--resume", "--epochs", "2", "--no-plots", "--quiet"]) == 0
+    a, _ = load_checkpoint(full / "checkpoint.npz")
+    b, _ = load_checkpoint(cut / "checkpoint.npz")
+    np.testing.assert_array_equal(a["trainer"]["theta"], b["trainer"]["theta"])
+    assert [r["val_mse"] for r in a["history"]] == [r["val_mse"] for r in b["history"]]
+    assert json.loads((full / "metrics.json").read_text())["val"] == json.loads((cut / "metrics.json").read_text())["val"]
+
+
+@pytest.mark.slow
+def test_an_ensemble_interrupted_inside_its_second_member_continues_there(baseline_runs, tmp_path, monkeypatch,
+                                                                          capsys):
+    """Catches a resumed ensemble retraining a finished member, restarting the member it was in, or ending with
+    other members than an uninterrupted run; and load_run of the interrupted run not giving its finished member."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    full, _ = baseline_runs["ensemble"]
+    cut = tmp_path / "cut"
+    real_fit, calls = train.fit, []
+
+    def interrupting_fit(trainer, *args, on_epoch_end=None, **kw):
+        calls.append((kw["seed"], None if kw["resume"] is None else kw["resume"]["epoch"]))
+
+        def hook(epoch, record):
+            on_epoch_end(epoch, record)
+            if len(calls) == 2 and epoch == 1:  # inside the second member, after its first epoch
+                raise KeyboardInterrupt
+        return real_fit(trainer, *args, on_epoch_end=hook, **kw)
+
+    monkeypatch.setattr(train, "fit", interrupting_fit)
+    assert train.main(["--method", "ensemble", *SMALL, "--no-plots", "--out", str(cut)]) == 130
+    assert "--resume" in capsys.readouterr().err
+    state, _ = load_checkpoint(cut / "checkpoint.npz")
+    assert len(state["members"]) == 1 and state["current"]["member"] == 1 and state["current"]["state"]["epoch"] == 1
+    assert len(train.load_run(cut).thetas) == 1
+    calls.clear()
+    assert train.main(["--out", str(cut), "--resume", "--no-plots", "--quiet"]) == 0
+    assert calls == [(train.member_seed(2, 1), 1)]  # member 0 is not retrained; member 1 continues after epoch 1
+    a, _ = load_checkpoint(full / "checkpoint.npz")
+    b, _ = load_checkpoint(cut / "checkpoint.npz")
+    assert b["stage"] == "done" and b["current"] is None and not (cut / "member.npz").exists()
+    for m in range(2):
+        np.testing.assert_array_equal(a["members"][m]["trainer"]["theta"], b["members"][m]["trainer"]["theta"])
+    assert [(r["member"], r["val_mse"]) for r in a["history"]] == [(r["member"], r["val_mse"]) for r in b["history"]]
+    assert json.loads((full / "metrics.json").read_text())["val"] == json.loads((cut / "metrics.json").read_text())["val"]
+
+
+@pytest.mark.slow
+def test_a_finished_ensemble_trains_on_as_one_longer_run(baseline_runs, tmp_path, monkeypatch):
+    """Catches --resume --epochs N on a finished ensemble re-evaluating it unchanged, or training its members on
+    from their best epoch instead of their last (the result would differ from a 3-epoch ensemble)."""
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    run_dir = copy_run(baseline_runs["ensemble"][0], tmp_path)
+    flags = [f if f != "2" or i != 1 else "3" for i, f in enumerate(SMALL)]  # --epochs 3
+    assert train.main(["--method", "ensemble", *flags, "--no-plots", "--out", str(tmp_path / "full")]) == 0
+    assert train.main(["--out", str(run_dir), "--resume", "--epochs", "3", "--no-plots", "--quiet"]) == 0
+    a, _ = load_checkpoint(tmp_path / "full" / "checkpoint.npz")
+    b, _ = load_checkpoint(run_dir / "checkpoint.npz")
+    assert b["epoch"] == 3 and [s["epoch"] for s in b["members"]] == [3, 3]
+    for m in range(2):
+        np.testing.assert_array_equal(a["members"][m]["trainer"]["theta"], b["members"][m]["trainer"]["theta"])

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from minilae import training
-from minilae.backend import asarray, to_numpy
+from minilae.backend import asarray, to_numpy, xp
 from minilae.gradcheck import assert_close, fd_roundoff, numerical_gradient
-from minilae.losses import Gaussian
+from minilae.losses import Gaussian, HeteroscedasticGaussian
 from minilae.models import mlp_autoencoder
 from minilae.online import OnlineLaplace
 from minilae.optim import SGD, Adam
@@ -441,3 +441,98 @@ def test_fit_never_holds_the_data_set_on_the_device(rng):
     with _guard.watch() as seen:
         fit(make_trainer("online"), x_train, x_val, epochs=1, batch_size=8, seed=0, log=quiet, progress=False)
     assert seen["largest"] < x_train.size // 2, seen
+
+
+# the baselines' trainers: the AE with learned variance and the MC-dropout AE (MAPTrainer with other models)
+
+def blobs(rng, n, size=8):
+    """Images with a 2-D latent: one Gaussian blob per image at a random position."""
+    centres = rng.uniform(0.25 * size, 0.75 * size, (n, 2))
+    grid = np.arange(size)
+    d2 = (grid[None, :, None] - centres[:, 0, None, None]) ** 2 + (grid[None, None, :] - centres[:, 1, None, None]) ** 2
+    return np.exp(-d2 / (2 * (size / 6) ** 2))[:, None]
+
+
+def variant_trainer(kind, seed=0, lr=0.01):
+    """'ae-var': mean-and-log-variance decoder under the heteroscedastic Gaussian; 'mc-dropout': dropout 0.2."""
+    if kind == "ae-var":
+        model = mlp_autoencoder(IMAGE, 2, (4,), seed=seed, output="mean_logvar")
+        return MAPTrainer(model, Adam(lr=lr), likelihood=HeteroscedasticGaussian())
+    return MAPTrainer(mlp_autoencoder(IMAGE, 2, (4,), seed=seed, dropout=0.2), Adam(lr=lr))
+
+
+@pytest.mark.parametrize("kind", ["ae-var", "mc-dropout"])
+def test_validation_mse_scores_the_mean_reconstruction_in_evaluation_mode(kind, rng):
+    """Catches the validation MSE of a 2C-channel output taken against x (a shape error, or mu and s mixed), and a
+    dropout model validated with dropout on (a noisy stopping rule); fit must also leave the model's modes as found."""
+    x_train, x_val = data(rng, 16), data(rng, 7)
+    trainer = variant_trainer(kind)
+    recorded, hand = [], []
+    x_val_dev = asarray(x_val)
+
+    def check(epoch, record):
+        trainer.model.set_params(trainer.theta)
+        f = trainer.model.forward(x_val_dev)  # the model is in evaluation mode between steps
+        hand.append(float(((f[:, :IMAGE[0]] - x_val_dev) ** 2).mean()))
+        recorded.append(record["val_mse"])
+
+    fit(trainer, x_train, x_val, epochs=3, batch_size=4, seed=0, log=quiet, progress=False, on_epoch_end=check)
+    assert_close(np.array(recorded), np.array(hand), 1e-12, "val_mse vs the mean channels in evaluation mode")
+    assert not trainer.model.training and not any(layer.training for layer in trainer.model)
+    stats = trainer.step(asarray(x_train[:4]))
+    assert set(stats) == {"nll", "mse"} and math.isfinite(stats["mse"])
+
+
+def test_training_mode_restores_each_layers_own_flag():
+    """Catches training_mode putting a whole chain back with one flag, which would switch on an eval-mode Dropout."""
+    model = mlp_autoencoder(IMAGE, 2, (4,), dropout=0.5)
+    model.train()
+    model.dropout_layers[0].eval()
+    with training.training_mode(model, False):
+        assert not any(layer.training for layer in model)
+    assert [layer.training for layer in model.dropout_layers] == [False, True, True]
+    assert model.training
+
+
+@pytest.mark.parametrize("kind", ["ae-var", "mc-dropout"])
+def test_baseline_trainers_learn_synthetic_blobs(kind, rng):
+    """300 Adam steps on 128 blob images (8 x 8): the evaluation-mode reconstruction MSE falls below 40% of the
+    untrained model's, the training-mode batch MSE (dropout on) below half its first value, and for ae-var the
+    mean nll per image falls by more than 64 nats (one per pixel: the learned variance shrinks where the mean
+    fits; a fixed unit variance cannot do that). Catches a likelihood or dropout gradient that does not descend."""
+    x = blobs(rng, 128)
+    model = (mlp_autoencoder((1, 8, 8), 2, (32, 16), seed=0, output="mean_logvar") if kind == "ae-var"
+             else mlp_autoencoder((1, 8, 8), 2, (32, 16), seed=0, dropout=0.2))
+    lik = HeteroscedasticGaussian() if kind == "ae-var" else None
+    trainer = MAPTrainer(model, Adam(lr=3e-3), likelihood=lik)
+    before = reconstruction_mse(model, x, likelihood=trainer.likelihood)
+    stats = [trainer.step(asarray(x[rng.choice(len(x), 16, replace=False)])) for _ in range(300)]
+    after = reconstruction_mse(model, x, likelihood=trainer.likelihood)
+    first, last = stats[0], {k: float(np.mean([s[k] for s in stats[-20:]])) for k in stats[0]}
+    assert after < 0.4 * before, f"reconstruction MSE only fell from {before:.4f} to {after:.4f}"
+    assert last["mse"] < 0.5 * first["mse"], f"training MSE only fell from {first['mse']:.4f} to {last['mse']:.4f}"
+    if kind == "ae-var":
+        assert last["nll"] < first["nll"] - 64, f"nll only fell from {first['nll']:.2f} to {last['nll']:.2f}"
+
+
+def test_map_step_on_a_dropout_model_descends_the_masked_network(rng):
+    """One SGD step of a dropout model is -lr times the FD gradient of the mean nll of the network its mask
+    selects (mask held by reseeding). Catches the step running in evaluation mode (no mask: the gradient of the
+    plain network) or the gradient taken with another mask than the forward's."""
+    x = asarray(data(rng, 5))
+    model = mlp_autoencoder(IMAGE, 2, (4,), seed=0, dropout=0.3)
+    theta0 = model.get_params()
+
+    def mean_nll(th):
+        model.set_params(th)
+        model.reseed_dropout(xp().random.default_rng(4))
+        with training.training_mode(model, True):
+            return Gaussian(1.0).nll(model.forward(x), x).mean().reshape(1)
+
+    g = numerical_gradient(mean_nll, theta0.copy())
+    atol = 10 * fd_roundoff(float(mean_nll(theta0)[0]))  # 10x the differences' round-off floor
+    model.set_params(theta0)
+    model.reseed_dropout(xp().random.default_rng(4))
+    trainer = MAPTrainer(model, SGD(lr=0.1))
+    trainer.step(x)
+    assert_close((theta0 - trainer.theta) / 0.1, g, 1e-6, "SGD update / lr = gradient with the mask", atol=atol)
