@@ -7,6 +7,7 @@ Each likelihood gives, per sample b of a batch, everything the Laplace machinery
 * ``hess(f, y)``      H_b = d^2 l_b / d f_b^2, dense (d, d) with d = prod(out), f_b flattened in C order
 * ``hess_diag(f, y)`` diag(H_b), shaped like f
 * ``hess_sqrt(f, y)`` a factor S_b with H_b = S_b S_b^T (turns the GGN J^T H J into (J^T S)(J^T S)^T)
+* ``output_curvature(f, y)`` the dense H_out the GGN engine backpropagates: ``hess`` here, the Fisher below
 * ``sample(f, rng)``  y ~ p(y | f), for Monte Carlo Fisher estimates
 * ``mean(f)``         E[y | f], the reconstruction shown to a user
 
@@ -19,7 +20,8 @@ The ``y`` argument of the Hessian methods is therefore optional and only validat
 The exception is :class:`HeteroscedasticGaussian` (the AE with learned variance): its outputs
 (mu, s = log sigma^2) are not natural parameters (those are mu / sigma^2 and -1 / (2 sigma^2)), so
 its true Hessian depends on y and is indefinite. There ``hess`` is that true Hessian (y required),
-while ``hess_diag`` / ``hess_sqrt`` give the Fisher E_y[H], the PSD curvature the GGN needs.
+while ``hess_diag`` / ``hess_sqrt`` / ``output_curvature`` give the Fisher E_y[H], the PSD curvature
+the GGN engine needs (:func:`minilae.curvature.ggn` keeps the textbook J^T hess J, indefinite here).
 
 Outputs follow the array backend of ``f`` (NumPy or CuPy), found with :func:`array_module`.
 """
@@ -147,6 +149,10 @@ class Likelihood:
     def hess_sqrt(self, f, y=None):
         """S_b with H_b = S_b S_b^T, shape (B, d, k)."""
         raise NotImplementedError
+
+    def output_curvature(self, f, y=None):
+        """H_out of the engine's GGN J^T H_out J, (B, d, d): the Hessian, PSD for natural parameters."""
+        return self.hess(f, y)
 
     def sample(self, f, rng):
         """y ~ p(y | f) drawn with a backend Generator rng."""
@@ -396,10 +402,9 @@ class HeteroscedasticGaussian(Likelihood):
       * ``fisher(f)``, ``hess_diag(f, y)`` and ``hess_sqrt(f, y)`` give the Fisher
         F = E_{y ~ p(y | f)}[H] = diag(e^{-s}, 1/2) (E[r] = 0, E[r^2] = e^s), which is PSD and is what the
         Laplace machinery treats as H_out in the GGN J^T H_out J. So, unlike the other likelihoods,
-        ``hess_diag`` is not diag(``hess``) here: pass this likelihood to the Hessian engine only with
-        methods that read ``hess_diag`` / ``hess_sqrt`` ('approx', and 'sqrt' when it starts from the
-        factor); the dense paths ('exact', 'blocks', a full 'mixed') read ``hess`` and would get the
-        indefinite true Hessian.
+        ``hess_diag`` is not diag(``hess``) here, and ``output_curvature`` (what the engine's dense paths,
+        'exact', 'blocks' and a full 'mixed', backpropagate) is the Fisher, not ``hess``: every engine
+        method gets the same PSD GGN.
 
     Nothing is clamped: a log-variance with e^{+-s} outside the dtype's range is refused (ValueError).
     """
@@ -464,6 +469,12 @@ class HeteroscedasticGaussian(Likelihood):
     def fisher(self, f):
         """F = E_{y ~ p(y | f)}[H] = diag(e^{-s}, 1/2), dense (B, D, D)."""
         return _diag_embed(_flat(self.hess_diag(f)))
+
+    def output_curvature(self, f, y=None):
+        """The Fisher F (PSD), not the indefinite true Hessian: the H_out of the engine's GGN."""
+        if y is not None:
+            self._check(f, y)  # y's shape is still validated, though F does not depend on y
+        return self.fisher(f)
 
     def hess_diag(self, f, y=None):
         """The Fisher's diagonal (e^{-s}, 1/2), shaped like f: the PSD H_out of the GGN (not diag of ``hess``)."""

@@ -447,12 +447,12 @@ def test_heteroscedastic_bad_shapes_raise():
         lik.variance(asarray(np.array([[0.0, np.nan]])))
 
 
-@pytest.mark.parametrize("method", ["approx", "sqrt"])
+@pytest.mark.parametrize("method", ["approx", "sqrt", "exact", "mixed", "blocks"])
 def test_heteroscedastic_ggn_of_the_hessian_engine_is_the_fisher_ggn(method, rng):
-    """The engine's 'approx' and 'sqrt' diagonals read hess_diag / hess_sqrt, so for this likelihood they give the
-    PSD GGN sum_b J_b^T F_b J_b with the Fisher F (exact here: two Linear layers, M diagonal at the output), not
-    the true Hessian's J^T H J. Catches hess_diag / hess_sqrt handing the engine the indefinite true Hessian
-    (negative GGN entries would make a Laplace precision invalid)."""
+    """Every engine method gives this likelihood's PSD GGN sum_b J_b^T F_b J_b with the Fisher F (for 'approx'
+    exact here: two Linear layers, M diagonal at the output), not the true Hessian's J^T H J. Catches
+    hess_diag / hess_sqrt / output_curvature handing the engine the indefinite true Hessian (the dense paths
+    read output_curvature; negative GGN entries would make a Laplace precision invalid)."""
     from minilae.hessian import ggn_diagonal  # noqa: PLC0415
     from minilae.layers import Linear, Sequential, Tanh  # noqa: PLC0415
     model = Sequential(Linear(3, 5, rng=rng), Tanh(), Linear(5, 4, rng=rng))
@@ -463,6 +463,10 @@ def test_heteroscedastic_ggn_of_the_hessian_engine_is_the_fisher_ggn(method, rng
     fisher_ggn = xp().einsum("bdp,bde,bep->p", J, lik.fisher(f), J)
     true_ggn = xp().einsum("bdp,bde,bep->p", J, lik.hess(f, y), J)
     assert float(xp().abs(fisher_ggn - true_ggn).max()) > 0.1  # the two really differ at these targets
-    G = ggn_diagonal(model, lik, x, y, method=method)
+    if method == "blocks":
+        from minilae.hessian import ggn_blocks  # noqa: PLC0415
+        G = xp().concatenate([xp().diagonal(b) for b in ggn_blocks(model, lik, x, y)])
+    else:  # mixed with threshold 4: the full M at the 4-dimensional output
+        G = ggn_diagonal(model, lik, x, y, method=method, threshold=4 if method == "mixed" else None)
     assert_close(G, fisher_ggn, 1e-12, f"ggn_diagonal(method={method!r}) vs J^T F J")
     assert float(G.min()) >= 0

@@ -103,11 +103,11 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
         if form == "diag":
             return mixed_diagonal(layers, shapes, lik.hess_diag(f, y), threshold, budget, per_sample)
         _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
-        return mixed_diagonal(layers, shapes, lik.hess(f, y), threshold, budget, per_sample)
+        return mixed_diagonal(layers, shapes, lik.output_curvature(f, y), threshold, budget, per_sample)
     if method == "sqrt":
         return sqrt_diagonal(layers, shapes, lik, f, y, budget, per_sample)
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
-    return exact_diagonal(layers, shapes, lik.hess(f, y), budget, per_sample)
+    return exact_diagonal(layers, shapes, lik.output_curvature(f, y), budget, per_sample)
 
 
 def ggn_blocks(model, likelihood, x, y, memory_budget=None, per_sample=False, f=None):
@@ -116,4 +116,4 @@ def ggn_blocks(model, likelihood, x, y, memory_budget=None, per_sample=False, f=
     budget = resolve_budget(memory_budget, array_module(f))
     B, d = f.shape[0], size(f.shape[1:])
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
-    return exact_blocks(layers, shapes, lik.hess(f, y), budget, per_sample)
+    return exact_blocks(layers, shapes, lik.output_curvature(f, y), budget, per_sample)

@@ -42,7 +42,7 @@ def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):
     forms = plan_forms("sqrt", [size(s) for s in shapes], k_out=d)
     check_memory(B * d * d * f.dtype.itemsize, budget, f"the output Hessian ({d} x {d} per sample, batch {B})")
     if forms[-1][0] == "full":
-        M = likelihood.hess(f, y)
+        M = likelihood.output_curvature(f, y)
     else:
         S = likelihood.hess_sqrt(f, y)  # (B, d, k)
         M = S.transpose(0, 2, 1).reshape((B, S.shape[2]) + tuple(f.shape[1:]))
