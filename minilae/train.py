@@ -429,26 +429,12 @@ def _load_images(name, split, limit, root):
     return x, y
 
 
-class DropoutTrainer(MAPTrainer):
-    """MAP training of the MC-dropout AE (MAPTrainer runs its forward in training mode, the validation in
-    evaluation mode). The masks are drawn from the epoch's backend generator, which fit derives from (seed,
-    epoch), so a resumed run draws the same masks as an uninterrupted one."""
-
-    method = "mc-dropout"
-
-    def step(self, x, rng=None):
-        """One minibatch; its dropout masks come from rng."""
-        self.model.reseed_dropout(rng)
-        return super().step(x, rng)
-
-
 def _make_trainer(config, model, n_train):
     optimizer = Adam(lr=config["lr"])
     method = config["method"]
-    if method in ("ae", "ensemble", "ae-var"):  # eq. 1: no prior (ae-var: with its learned variance)
+    if method in ("ae", "ensemble", "ae-var", "mc-dropout"):  # eq. 1: no prior (ae-var: its learned variance;
+        # mc-dropout: MAPTrainer draws the masks from fit's epoch generator, so a resumed run is exact)
         return MAPTrainer(model, optimizer, likelihood=method_likelihood(method))
-    if method == "mc-dropout":
-        return DropoutTrainer(model, optimizer)
     if method == "vae":
         from .vae import VAETrainer  # noqa: PLC0415 - only VAE runs need it
 

@@ -47,8 +47,8 @@ from .optim import Adam, EarlyStopping, ReduceLROnPlateau
 from .validation import positive, positive_int
 
 __all__ = ["TrainingDivergedError", "CheckpointError", "MAPTrainer", "fit", "epoch_rngs", "DIVERGENCE_FACTOR",
-           "reconstruction_mse", "reconstruction_stats", "training_mode", "check_finite", "model_signature", "check_signature",
-           "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
+           "reconstruction_mse", "reconstruction_stats", "training_mode", "check_finite", "model_signature",
+           "check_signature", "save_checkpoint", "load_checkpoint", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = 1
 
@@ -180,7 +180,12 @@ class MAPTrainer:
         return f, nll, grad
 
     def step(self, x, rng=None):
-        """One minibatch: gradient at theta, optimiser step; returns host stats."""
+        """One minibatch: gradient at theta, optimiser step; returns host stats.
+
+        rng (fit's backend generator of the epoch) draws a dropout model's masks, so a resumed run draws the
+        same masks as an uninterrupted one."""
+        if rng is not None and getattr(self.model, "dropout_layers", None):
+            self.model.reseed_dropout(rng)
         f, nll, grad = self.loss_and_grad(x)
         stats = reconstruction_stats(f, x, nll, self.likelihood)
         self.optimizer.step(self.theta, grad)

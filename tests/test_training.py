@@ -71,6 +71,8 @@ def test_map_step_is_sgd_on_the_mean_nll(B, lr, rng):
 
 
 def make_trainer(kind, seed=0):
+    if kind in ("ae-var", "mc-dropout"):
+        return variant_trainer(kind, seed)
     model = tiny(seed)
     if kind == "ae":
         return MAPTrainer(model, Adam(lr=0.01))
@@ -81,9 +83,10 @@ class Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("kind", ["ae", "online"])
+@pytest.mark.parametrize("kind", ["ae", "online", "ae-var", "mc-dropout"])
 @pytest.mark.parametrize("stop_after", [1, 3])
 def test_interrupted_and_resumed_run_ends_identically(kind, stop_after, rng, tmp_path):
+    """Also catches a dropout model drawing its masks from generators of its own, which no checkpoint holds."""
     x_train, x_val = data(rng, 40), data(rng, 10)
     kw = dict(epochs=5, batch_size=8, seed=3, log=quiet, progress=False)
     full = make_trainer(kind)
