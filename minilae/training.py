@@ -188,11 +188,15 @@ class MAPTrainer:
             self.model.reseed_dropout(rng)
         f, nll, grad = self.loss_and_grad(x)
         stats = reconstruction_stats(f, x, nll, self.likelihood)
+        self.apply_gradient(grad)
+        return stats
+
+    def apply_gradient(self, grad):
+        """theta <- optimiser step with grad; the model gets the new theta."""
         self.optimizer.step(self.theta, grad)
         self.t += 1
         check_finite("the parameters", self.theta, self.t)
         self.model.set_params(self.theta)
-        return stats
 
     def snapshot(self):
         """Copies of what defines the result: theta."""

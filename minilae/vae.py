@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import math
 
-from .backend import array_module, asarray, xp
+from .backend import array_module, xp
 from .layers import Sequential
 from .losses import Gaussian
 from .models import BUILDERS
-from .optim import Adam
-from .training import CheckpointError, check_finite, reconstruction_stats
+from .training import MAPTrainer, check_finite, reconstruction_stats
 
 __all__ = ["VAE", "VAETrainer", "build_vae", "kl_standard_normal", "DEFAULT_BETA"]
 
@@ -159,10 +158,11 @@ def _beta(beta):
     return float(beta)
 
 
-class VAETrainer:
+class VAETrainer(MAPTrainer):
     """theta <- Adam step on L = mean_b [-log N(x_b | decode(z_b), I) + beta KL(q(z | x_b) || N(0, I))].
 
-    A trainer of :func:`minilae.training.fit` (see its module docstring for the protocol).
+    A trainer of :func:`minilae.training.fit` (see its module docstring for the protocol); snapshots and
+    the optimiser step are the MAP trainer's, the loss and its gradient are the VAE's.
     """
 
     method = "vae"
@@ -170,16 +170,8 @@ class VAETrainer:
     def __init__(self, model: VAE, optimizer=None, beta=DEFAULT_BETA):
         if not isinstance(model, VAE):
             raise TypeError(f"VAETrainer trains a VAE (minilae.vae.build_vae), got {type(model).__name__}")
-        self.model = model
-        self.optimizer = optimizer if optimizer is not None else Adam(lr=1e-3)
+        super().__init__(model, optimizer)  # unit Gaussian: its mean(f) = f is what fit's validation MSE scores
         self.beta = _beta(beta)
-        self.likelihood = Gaussian(1.0)  # its mean(f) = f is the reconstruction fit's validation MSE scores
-        self.theta = model.get_params()
-        self.t = 0
-
-    def posterior(self):
-        """A VAE has no weight posterior."""
-        return None
 
     def loss_and_grad(self, x, eps):
         """(L (0-d backend array), dL/dtheta (P,), parts) at the current parameters and fixed noise eps (B, latent).
@@ -213,32 +205,14 @@ class VAETrainer:
         loss, grad, parts = self.loss_and_grad(x, eps)
         stats = {**reconstruction_stats(parts["f"], x, parts["nll"]), "kl": float(parts["kl"].mean()),
                  "loss": float(loss)}
-        self.optimizer.step(self.theta, grad)
-        self.t += 1
-        check_finite("the parameters", self.theta, self.t)
-        self.model.set_params(self.theta)
+        self.apply_gradient(grad)
         return stats
 
-    def snapshot(self):
-        """Copies of what defines the result: theta."""
-        return {"theta": self.theta.copy()}
-
-    def restore(self, snap):
-        """Put a snapshot back into the trainer and the model."""
-        self.theta = asarray(snap["theta"], dtype=self.theta.dtype).copy()
-        self.model.set_params(self.theta)
-
     def state_dict(self):
-        """theta, step count, beta and optimiser state."""
-        return {"theta": self.theta.copy(), "t": self.t, "beta": self.beta, "optimizer": self.optimizer.state_dict()}
+        """The MAP trainer's state and beta."""
+        return {**super().state_dict(), "beta": self.beta}
 
     def load_state_dict(self, d):
-        """Restore theta, step count, beta and optimiser state."""
-        theta = asarray(d["theta"], dtype=self.theta.dtype)
-        if theta.shape != self.theta.shape:
-            raise CheckpointError(f"checkpoint holds {theta.shape[0]} parameters, the model has {self.theta.shape[0]}")
-        self.theta = theta.copy()
-        self.model.set_params(self.theta)
-        self.t = int(d["t"])
+        """Restore theta, step count, optimiser state and beta."""
+        super().load_state_dict(d)
         self.beta = _beta(d["beta"])
-        self.optimizer.load_state_dict(d["optimizer"])

@@ -25,20 +25,14 @@ def _selection_jacobian(x, in_index):
     return J
 
 
-class MaxPool2d(Layer):
-    """y[c, i, j] = max over the k x k window (non-overlapping: stride = kernel_size).
-
-    Tied maxima (constant windows, e.g. MNIST's black border) route the derivative to the first
-    of them in row-major window order, as PyTorch and numpy.argmax do.
-    """
-
-    unit_jacobian = one_input_per_output = one_output_per_input = True  # J_in selects the arg-maxes
+class _Pool2d(Layer):
+    """The shared shape rule of the pooling layers: non-overlapping k x k windows, (C, H, W) -> (C, H//k, W//k)."""
 
     def __init__(self, kernel_size: int = 2, stride=None):
         super().__init__()
         stride = kernel_size if stride is None else stride
-        if int(kernel_size) < 1 or stride != kernel_size:
-            raise ValueError(f"MaxPool2d supports non-overlapping windows (stride == kernel_size >= 1); "
+        if int(kernel_size) != kernel_size or kernel_size < 1 or stride != kernel_size:
+            raise ValueError(f"{type(self).__name__} supports non-overlapping windows (stride == kernel_size >= 1); "
                              f"got kernel_size={kernel_size}, stride={stride}")
         self.k = int(kernel_size)
 
@@ -48,6 +42,17 @@ class MaxPool2d(Layer):
         if H < self.k or W < self.k:
             raise ValueError(f"{self!r}: input {H}x{W} is smaller than the window {self.k}x{self.k}")
         return (C, H // self.k, W // self.k)
+
+
+class MaxPool2d(_Pool2d):
+    """y[c, i, j] = max over the k x k window (non-overlapping: stride = kernel_size).
+
+    Tied maxima (constant windows, e.g. MNIST's black border) route the derivative to the first
+    of them in row-major window order, as PyTorch and numpy.argmax do.
+    """
+
+    unit_jacobian = one_input_per_output = one_output_per_input = True  # J_in selects the arg-maxes
+
 
     def _offsets(self, H, W):
         """The k*k strided views' slices, one per window offset (u, v), in window order u*k + v."""
@@ -156,7 +161,7 @@ class Upsample(Layer):
         return f"Upsample(scale_factor={self.s})"
 
 
-class AvgPool2d(Layer):
+class AvgPool2d(_Pool2d):
     """y[c, i, j] = mean of the k x k window (non-overlapping: stride = kernel_size), as PyTorch.
 
     J_in holds 1/k^2 at each output's window: one non-zero per column, k^2 per row, so
@@ -165,20 +170,6 @@ class AvgPool2d(Layer):
 
     one_output_per_input = True
 
-    def __init__(self, kernel_size: int = 2, stride=None):
-        super().__init__()
-        stride = kernel_size if stride is None else stride
-        if int(kernel_size) != kernel_size or kernel_size < 1 or stride != kernel_size:
-            raise ValueError(f"AvgPool2d supports non-overlapping windows (stride == kernel_size >= 1); "
-                             f"got kernel_size={kernel_size}, stride={stride}")
-        self.k = int(kernel_size)
-
-    def out_shape(self, in_shape):
-        _check_image(self, in_shape)
-        C, H, W = in_shape
-        if H < self.k or W < self.k:
-            raise ValueError(f"{self!r}: input {H}x{W} is smaller than the window {self.k}x{self.k}")
-        return (C, H // self.k, W // self.k)
 
     def _forward(self, x):
         # rows and columns beyond the last whole window are dropped, as PyTorch does
