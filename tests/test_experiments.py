@@ -198,3 +198,24 @@ def test_bad_input(trained, tmp_path, capsys):
     shutil.copytree(runs_dir / "knn-mnist-mlp" / "ae", tmp_path / "swapped" / "knn-mnist-mlp" / "online")
     assert cli.main(command("knn", tmp_path / "swapped", tmp_path / "o3", "--methods", "online")) == 1
     assert "method: stored 'ae'" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.backends("numpy")
+def test_reverse_ood_trains_on_mnist_and_scores_fashionmnist(tmp_path):
+    """--reverse swaps the datasets: the runs are MNIST conv runs and the table names MNIST in, FashionMNIST
+    out. Catches the flag being ignored (FashionMNIST runs) or only half applied (a wrong OOD set)."""
+    require_data()
+    out = tmp_path / "out"
+    assert cli.main(command("ood", tmp_path / "runs", out, "--reverse", "--methods", "ae")) == 0
+    assert (tmp_path / "runs" / "ood-mnist-conv" / "ae" / "metrics.json").is_file()
+    assert not (tmp_path / "runs" / "ood-fashionmnist-conv").exists()
+    assert "in mnist (test), out fashionmnist (test)" in (out / "table.md").read_text()
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_training_runs_show_progress_unless_the_experiment_is_quiet(quiet):
+    """A long experiment's training runs print their epochs (no --quiet) unless --quiet is asked: catches the
+    runs being silenced always (hours with no sign of progress) or --quiet not reaching them."""
+    spec = runs.RunSpec(task="knn", dataset="mnist", model="mlp", latent_size=2, seed=0, quiet=quiet)
+    assert ("--quiet" in spec.train_argv("ae", "runs/x")) is quiet

@@ -68,7 +68,7 @@ def _common(p):
     g.add_argument("--backend", choices=backend.BACKENDS, default=None,
                    help="array backend of training and evaluation (default: $MINILAE_BACKEND, else numpy)")
     g.add_argument("--seed", type=int, default=0, help="seed of the runs and of every draw of the experiment")
-    g.add_argument("--quiet", action="store_true", help="only the table and errors")
+    g.add_argument("--quiet", action="store_true", help="only the table and errors (without it, each training run shows its progress)")
     g = p.add_argument_group("training size of new runs (python -m minilae.train flags)")
     g.add_argument("--epochs", type=_positive, default=None, help="--epochs of the runs (default: train's)")
     g.add_argument("--limit-train", type=_positive, default=None, help="--limit-train of the runs")
@@ -104,7 +104,7 @@ def build_parser():
 def _spec(args, task, dataset, model):
     return RunSpec(task=task, dataset=dataset, model=model, latent_size=args.latent_size, seed=args.seed,
                    epochs=args.epochs, limit_train=args.limit_train, limit_val=args.limit_val,
-                   samples=args.samples, backend=args.backend)
+                   samples=args.samples, backend=args.backend, quiet=args.quiet)
 
 
 def _images(name, split, limit, root):

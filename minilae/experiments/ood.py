@@ -83,7 +83,7 @@ def figures(results, out, in_name, out_name):
                 s_in, s_out = r["scores"][score]
                 fpr, tpr = metrics.roc_curve(np.r_[np.zeros(len(s_in)), np.ones(len(s_out))], np.r_[s_in, s_out])
                 ax.plot(fpr, tpr, label=f"{method} ({r['metrics'][score]['auroc']:.2f})")
-        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.plot([0, 1], [0, 1], ":", color="grey", label="chance")  # also the legend when no method has the score
         ax.set(xlabel="false positive rate", ylabel="true positive rate", title=f"ROC, {score}")
         ax.legend(fontsize=7)
     names.append(save_figure(fig, out, "roc.png"))

@@ -28,11 +28,16 @@ class RunSpec(dict):
     def folder_name(self):
         return f"{self['task']}-{self['dataset']}-{self['model']}"
 
+    @property
+    def quiet_flag(self):
+        """--quiet for the training runs only when the experiment is quiet: long runs show their progress."""
+        return ["--quiet"] if self.get("quiet") else []
+
     def train_argv(self, method, out):
         """The python -m minilae.train command line of this run."""
         argv = ["--method", method, "--dataset", self["dataset"], "--model", self["model"],
                 "--latent-size", str(self["latent_size"]), "--seed", str(self["seed"]), "--out", str(out),
-                "--ood-dataset", "none", "--no-plots", "--quiet"]
+                "--ood-dataset", "none", "--no-plots"] + self.quiet_flag
         for key in ("epochs", "limit_train", "limit_val", "samples", "backend"):
             if self.get(key) is not None:
                 argv += [f"--{key.replace('_', '-')}", str(self[key])]
@@ -82,7 +87,7 @@ def ensure_run(spec, method, runs_root, log=print):
         log(f"reusing the finished run {folder}")
     elif interrupted:
         log(f"resuming the interrupted run {folder}")
-        _train(["--out", str(folder), "--resume", "--quiet", "--no-plots"], log)
+        _train(["--out", str(folder), "--resume", "--no-plots"] + spec.quiet_flag, log)
     else:
         _train(spec.train_argv(method, folder), log)
     return load_run(folder)
