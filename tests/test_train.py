@@ -411,8 +411,11 @@ def test_sigterm_ends_like_ctrl_c(sig, code, said, tmp_path):
     """Catches SIGTERM killing the run without a word (exit -15); both signals keep the checkpoint."""
     out = tmp_path / "run"
     env = {**os.environ, "MINILAE_DATA": data_root()}
+    # a suite started in the background (nohup, `&`) hands its children SIGINT ignored, and Python then installs
+    # no KeyboardInterrupt handler: give the run the default disposition a terminal would
     proc = subprocess.Popen([sys.executable, "-m", "minilae.train", *TINY, "--epochs", "200", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (out / "checkpoint.npz").exists() and time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
