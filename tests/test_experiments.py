@@ -213,6 +213,7 @@ def test_reverse_ood_trains_on_mnist_and_scores_fashionmnist(tmp_path):
     assert "in mnist (test), out fashionmnist (test)" in (out / "table.md").read_text()
 
 
+@pytest.mark.backends("numpy")  # builds a command line: host only
 @pytest.mark.parametrize("quiet", [False, True])
 def test_training_runs_show_progress_unless_the_experiment_is_quiet(quiet):
     """A long experiment's training runs print their epochs (no --quiet) unless --quiet is asked: catches the

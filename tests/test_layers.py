@@ -279,19 +279,23 @@ def test_relu_derivative_is_zero_at_the_kink():
     assert ReLU().derivative(asarray(np.array([[0.0, -0.0]]))).tolist() == [[0.0, 0.0]]
 
 
+def pool_by_loops(x, k, reduce):
+    """The reference pooling: reduce over every k x k window (stride k; trailing rows/columns dropped)."""
+    B, C, H, W = x.shape
+    return np.array([[[[reduce(x[b, c, i * k:(i + 1) * k, j * k:(j + 1) * k]) for j in range(W // k)]
+                       for i in range(H // k)] for c in range(C)] for b in range(B)])
+
+
 @pytest.mark.parametrize("k, shape", [(2, (2, 3, 4, 6)), (2, (1, 2, 5, 5)), (3, (2, 1, 7, 6))])
 def test_maxpool_forward_matches_loops(k, shape, rng):
     x = rng.standard_normal(shape)
-    B, C, H, W = shape
-    expected = np.array([[[[x[b, c, i * k:(i + 1) * k, j * k:(j + 1) * k].max() for j in range(W // k)]
-                           for i in range(H // k)] for c in range(C)] for b in range(B)])
+    expected = pool_by_loops(x, k, np.max)
     pool = MaxPool2d(k)
     assert_close(pool(asarray(x)), expected, 0.0, "max-pool forward")
     # the arg-max cache indexes the flattened k*k window; input_index maps it to flat input positions
-    arg = np.array([[[[np.argmax(x[b, c, i * k:(i + 1) * k, j * k:(j + 1) * k]) for j in range(W // k)]
-                      for i in range(H // k)] for c in range(C)] for b in range(B)])
-    assert np.array_equal(to_numpy(pool._argmax), arg)
+    assert np.array_equal(to_numpy(pool._argmax), pool_by_loops(x, k, np.argmax))
     idx = to_numpy(pool.input_index(asarray(x)))
+    B = shape[0]
     assert_close(np.take_along_axis(x.reshape(B, -1), idx, axis=1), expected.reshape(B, -1), 0.0, "input_index")
 
 
@@ -365,9 +369,7 @@ def test_maxpool_ties_route_the_product_to_the_first_index_only(tied, K, rng):
 def test_avgpool_forward_matches_loops(k, shape, rng):
     """Bug caught: windows other than PyTorch's (trailing rows/columns beyond the last window not dropped)."""
     x = rng.standard_normal(shape)
-    B, C, H, W = shape
-    expected = np.array([[[[x[b, c, i * k:(i + 1) * k, j * k:(j + 1) * k].mean() for j in range(W // k)]
-                           for i in range(H // k)] for c in range(C)] for b in range(B)])
+    expected = pool_by_loops(x, k, np.mean)
     assert_close(AvgPool2d(k)(asarray(x)), expected, EXACT, "avg-pool forward")
 
 

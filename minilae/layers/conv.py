@@ -46,6 +46,30 @@ def _im2col_T(x_pad, kernel, stride, out_hw):
     return windows.reshape(B, C * kh * kw, Ho * Wo)
 
 
+def set_geometry(layer, in_channels, out_channels, kernel_size, stride, padding):
+    """Validated kernel_size, stride, padding pairs and channel counts on a convolution-like layer."""
+    name = type(layer).__name__
+    layer.kernel_size = _pair(kernel_size, "kernel_size")
+    layer.stride = _pair(stride, "stride")
+    layer.padding = _pair(padding, "padding")
+    if min(layer.kernel_size) < 1 or min(layer.stride) < 1 or min(layer.padding) < 0:
+        raise ValueError(f"{name} needs kernel >= 1, stride >= 1, padding >= 0; got "
+                         f"{layer.kernel_size}, {layer.stride}, {layer.padding}")
+    if in_channels < 1 or out_channels < 1:
+        raise ValueError(f"{name} needs positive channel counts")
+    layer.in_channels, layer.out_channels = int(in_channels), int(out_channels)
+
+
+def init_params(layer, weight_shape, fan_in, bias, rng):
+    """PyTorch's default init U(-1/sqrt(fan_in), 1/sqrt(fan_in)) of weight, then bias (out_channels,) if bias."""
+    rng = rng if rng is not None else np.random.default_rng()
+    layer.weight = init_uniform(weight_shape, fan_in, rng)
+    if bias:
+        layer.bias = init_uniform((layer.out_channels,), fan_in, rng)
+    else:
+        layer.param_names = ("weight",)
+
+
 class Conv2d(Layer):
     """y[o] = sum_c W[o, c] * x_pad[c] (strided cross-correlation) + b[o]."""
 
@@ -53,22 +77,9 @@ class Conv2d(Layer):
 
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, bias=True, rng=None):
         super().__init__()
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
-        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
-            raise ValueError(f"Conv2d needs kernel >= 1, stride >= 1, padding >= 0; got "
-                             f"{self.kernel_size}, {self.stride}, {self.padding}")
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError("Conv2d needs positive channel counts")
-        rng = rng if rng is not None else np.random.default_rng()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        fan_in = in_channels * prod(self.kernel_size)
-        self.weight = init_uniform((out_channels, in_channels) + self.kernel_size, fan_in, rng)
-        if bias:
-            self.bias = init_uniform((out_channels,), fan_in, rng)
-        else:
-            self.param_names = ("weight",)
+        set_geometry(self, in_channels, out_channels, kernel_size, stride, padding)
+        init_params(self, (out_channels, in_channels) + self.kernel_size, in_channels * prod(self.kernel_size),
+                    bias, rng)
 
     # ---- shapes -----------------------------------------------------------------------------
     def out_shape(self, in_shape):

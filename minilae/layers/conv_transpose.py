@@ -13,11 +13,10 @@ Names: (u, t) is a kernel offset, v a vector, m = diag(M), xp the array module.
 """
 from __future__ import annotations
 
-import numpy as np
 
 from ..backend import array_module
-from .base import Layer, init_uniform, prod
-from .conv import _im2col_T, _pair
+from .base import Layer, prod
+from .conv import _im2col_T, _pair, init_params, set_geometry
 
 
 class ConvTranspose2d(Layer):
@@ -28,26 +27,14 @@ class ConvTranspose2d(Layer):
     def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, output_padding=0, bias=True,
                  rng=None):
         super().__init__()
-        self.kernel_size = _pair(kernel_size, "kernel_size")
-        self.stride = _pair(stride, "stride")
-        self.padding = _pair(padding, "padding")
+        set_geometry(self, in_channels, out_channels, kernel_size, stride, padding)
         self.output_padding = _pair(output_padding, "output_padding")
-        if min(self.kernel_size) < 1 or min(self.stride) < 1 or min(self.padding) < 0:
-            raise ValueError(f"ConvTranspose2d needs kernel >= 1, stride >= 1, padding >= 0; got "
-                             f"{self.kernel_size}, {self.stride}, {self.padding}")
         if any(not 0 <= op < s for op, s in zip(self.output_padding, self.stride)):
             raise ValueError(f"ConvTranspose2d needs 0 <= output_padding < stride (as PyTorch); got "
                              f"output_padding={self.output_padding}, stride={self.stride}")
-        if in_channels < 1 or out_channels < 1:
-            raise ValueError("ConvTranspose2d needs positive channel counts")
-        rng = rng if rng is not None else np.random.default_rng()
-        self.in_channels, self.out_channels = int(in_channels), int(out_channels)
-        fan_in = out_channels * prod(self.kernel_size)  # PyTorch: weight.size(1) * k_h * k_w
-        self.weight = init_uniform((in_channels, out_channels) + self.kernel_size, fan_in, rng)
-        if bias:
-            self.bias = init_uniform((out_channels,), fan_in, rng)
-        else:
-            self.param_names = ("weight",)
+        # PyTorch's fan_in of a transposed convolution: weight.size(1) * k_h * k_w
+        init_params(self, (in_channels, out_channels) + self.kernel_size, out_channels * prod(self.kernel_size),
+                    bias, rng)
 
     def out_shape(self, in_shape):
         if len(in_shape) != 3 or in_shape[0] != self.in_channels:
