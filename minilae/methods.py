@@ -33,6 +33,7 @@ import numpy as np  # host side: seeds and member orders
 
 from . import backend
 from .backend import asarray, xp
+from .kfac import KroneckerLaplace
 from .laplace import DiagonalLaplace
 from .losses import Gaussian, get_likelihood
 from .models import build_model
@@ -295,7 +296,10 @@ class VAEPredictor(Predictor):
 # run folders
 
 def stored_posterior(p, dtype):
-    """The post-hoc posterior a checkpoint stores ({"mean", "ggn", "prior_precision"}) on the backend."""
+    """The post-hoc posterior a checkpoint stores ({"mean", "ggn", "prior_precision"}, or a KFAC posterior's
+    `to_state` with "structure": "kfac") on the backend."""
+    if p.get("structure") == KroneckerLaplace.structure:
+        return KroneckerLaplace.from_state(p, dtype)
     return DiagonalLaplace(asarray(p["mean"], dtype=dtype), asarray(p["ggn"], dtype=dtype), p["prior_precision"])
 
 

@@ -81,6 +81,7 @@ from .hessian import MemoryBudgetError, estimate_cost
 from .hessian.chain import BUDGET_FRACTION, format_bytes, resolve_budget
 from .methods import (CHECKPOINT, METHODS, build_network, load_run, make_predictor, member_seed, method_likelihood,
                       stored_posterior)
+from .kfac import KFAC_METHODS, KroneckerLaplace
 from .online import DEFAULT_ALPHA, HESSIAN_METHODS, OnlineLaplace
 from .optim import Adam
 from .posthoc import fit_posthoc
@@ -173,10 +174,12 @@ def build_parser(suppress_defaults=False):
                    help="mlp: 784-512-256-latent MLP; conv: two conv+pool blocks and an MLP (mirrored decoders)")
     g.add_argument("--latent-size", type=_positive_int, default=d("latent_size"),
                    help="size of the latent code z (2 also draws the paper's Fig. 1)")
-    g.add_argument("--hessian", choices=HESSIAN_METHODS, default=d("hessian"),
+    g.add_argument("--hessian", choices=HESSIAN_METHODS + KFAC_METHODS, default=d("hessian"),
                    help="diagonal GGN of the Hessian engine (online and posthoc): exact (full M backpropagated), "
                         "approx (only diag M), mixed (full M where the feature size <= --hessian-threshold), "
-                        "sqrt (exact through a square-root factor of M: slower, but fits where exact does not)")
+                        "sqrt (exact through a square-root factor of M: slower, but fits where exact does not); "
+                        "posthoc only: kfac (Kronecker factors A (x) G per layer, G from the exact M) or "
+                        "kfac-approx (G from diag M)")
     g.add_argument("--hessian-threshold", dest="threshold", type=_positive_int, default=d("threshold"),
                    help="feature size up to which 'mixed' backpropagates the full matrix "
                         "(required with --hessian mixed)")
@@ -271,8 +274,19 @@ def parse_args(argv):
         raise UsageError("--resume needs --out RUN_DIR, the folder of the run to continue")
     if not args["resume"]:
         _check_mixed(args)
+        _check_kfac(args)
     args["backend"] = _backend_name(explicit, {})
     return args, explicit
+
+
+def _check_kfac(config):
+    if config["hessian"] in KFAC_METHODS and config["method"] == "online":
+        raise UsageError(
+            f"--hessian {config['hessian']} is post-hoc only (--method posthoc): the online recursion "
+            "H_t+1 = (1 - alpha) H_t + (N/B) GGN(batch) is on the precision, and running A and G each with the "
+            "forgetting rate gives kron(sum_t w_t G_t, sum_t w_t A_t), which is not sum_t w_t kron(G_t, A_t) "
+            "(cross terms between steps); use --method posthoc --hessian kfac, or an online diagonal "
+            "(--hessian approx, exact, mixed or sqrt)")
 
 
 def _check_mixed(config):
@@ -303,6 +317,7 @@ def with_checkpoint(args, explicit):
     config = {**DEFAULTS, **stored_args, **explicit, "resume": True, "overwrite": False, "out": args["out"],
               "backend": _backend_name(explicit, stored_args)}
     _check_mixed(config)
+    _check_kfac(config)
     return config, (state, stored)
 
 
@@ -521,7 +536,8 @@ def _fit_posterior(config, model, trainer, state, x_train, log):
         return None, None
     if state.get("posterior") is not None:  # a finished post-hoc run, evaluated again
         return stored_posterior(state["posterior"], model.get_params().dtype), state.get("posthoc")
-    log(f"post-hoc Laplace: {config['hessian']} diagonal GGN over {len(x_train)} training images "
+    structure = "KFAC factors" if config["hessian"] in KFAC_METHODS else "diagonal GGN"
+    log(f"post-hoc Laplace: {config['hessian']} {structure} over {len(x_train)} training images "
         f"(batches of {_posthoc_batch_size(config)})")
     posterior, info = fit_posthoc(model, x_train, method=config["hessian"], threshold=config["threshold"],
                                   batch_size=_posthoc_batch_size(config), prior_precision=config["prior_precision"],
@@ -534,7 +550,9 @@ def _fit_posterior(config, model, trainer, state, x_train, log):
 def _final_state(state, config, posterior, posthoc_info):
     """The run's last checkpoint: stage 'done', with the post-hoc posterior (the online one is the trainer's)."""
     stored = None
-    if posterior is not None and config["method"] == "posthoc":
+    if isinstance(posterior, KroneckerLaplace):
+        stored = posterior.to_state()
+    elif posterior is not None and config["method"] == "posthoc":
         stored = {"mean": posterior.mean, "ggn": posterior.ggn, "prior_precision": posterior.prior_precision}
     return {**state, "stage": "done", "posthoc": posthoc_info, "posterior": stored}
 

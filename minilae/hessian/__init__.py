@@ -8,6 +8,7 @@ summed over the batch (or per sample), aligned with `model.get_params()`. Struct
   * `ggn_diagonal(method='approx')`    only diag(M) travels (E.4.1): one squared backprop;
   * `ggn_diagonal(method='mixed')`     full M where a feature size <= threshold, diagonal elsewhere;
   * `ggn_diagonal(method='sqrt')`      exact, through M = S S^T where the factor is smaller;
+  * `ggn_kfac(method='kfac')`          Kronecker factors A, G per Linear / Conv2d (minilae.kfac);
   * `estimate_cost`                    per-layer memory and FLOPs before running.
 
 How M passes through one layer is that layer's own rule (`Layer.backprop_full`, `backprop_diag`, ...,
@@ -22,10 +23,11 @@ from .approx import approx_diagonal
 from .chain import MemoryBudgetError, check_memory, feature_shapes, forward_once, leaf_layers, resolve_budget, size
 from .cost import DEFAULT_THRESHOLD, METHODS, CostTable, LayerCost, estimate_cost, plan_forms
 from .exact import exact_blocks, exact_diagonal
+from .kfac import kfac_factors
 from .mixed import mixed_diagonal
 from .sqrt import sqrt_diagonal
 
-__all__ = ["ggn_diagonal", "ggn_blocks", "estimate_cost", "CostTable", "LayerCost", "MemoryBudgetError",
+__all__ = ["ggn_diagonal", "ggn_blocks", "ggn_kfac", "estimate_cost", "CostTable", "LayerCost", "MemoryBudgetError",
            "METHODS", "DEFAULT_THRESHOLD", "propagate_full", "propagate_diag", "diag_of_propagated", "full_from_diag",
            "param_diag_from_full", "param_diag_from_diag", "param_block"]
 
@@ -117,3 +119,13 @@ def ggn_blocks(model, likelihood, x, y, memory_budget=None, per_sample=False, f=
     B, d = f.shape[0], size(f.shape[1:])
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
     return exact_blocks(layers, shapes, lik.output_curvature(f, y), budget, per_sample)
+
+
+def ggn_kfac(model, likelihood, x, y, method="kfac", f=None, memory_budget=None):
+    """KFAC factors of the batch: [KronBlock(A, G, n, offset, bias)] per parametric layer, the GGN block of
+    each ~ kron(G, A) / n (minilae.kfac). method: 'kfac' (G from the exact M) or 'kfac-approx' (from diag M).
+    f and memory_budget as in ggn_diagonal."""
+    if method not in ("kfac", "kfac-approx"):
+        raise ValueError(f"unknown KFAC method {method!r}; choose 'kfac' or 'kfac-approx'")
+    layers, shapes, lik, f = _prepare(model, likelihood, x, f)
+    return kfac_factors(layers, shapes, lik, f, y, resolve_budget(memory_budget, array_module(f)), method)

@@ -17,9 +17,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..backend import get_default_dtype, xp
+from ..layers.base import missing_rule
 from .chain import CHUNK_BYTES, feature_shapes, format_bytes, leaf_layers, size
 
 METHODS = ("approx", "exact", "mixed", "sqrt", "block")
+
+KFAC_PLANS = {"kfac": "sqrt", "kfac-approx": "approx"}
+"""The KFAC structures (estimate_cost takes them too) walk M in the forms of these diagonal methods
+(see minilae.hessian.kfac); they need Kronecker rules on every parametric layer."""
 
 
 # ---- which form M takes at each feature ------------------------------------------------------
@@ -33,6 +38,7 @@ def plan_forms(method: str, sizes, threshold=None, k_out=None):
            k_out is the number of columns of the likelihood's factor S of H_out.
     """
     L = len(sizes) - 1
+    method = KFAC_PLANS.get(method, method)
     if method in ("exact", "block"):
         return [("full", None)] * (L + 1)
     if method == "approx":
@@ -54,7 +60,7 @@ def plan_forms(method: str, sizes, threshold=None, k_out=None):
             else:
                 forms[i - 1] = ("full", None) if k > d_in else ("sqrt", k)
         return forms
-    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
+    raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS + tuple(KFAC_PLANS))}")
 
 
 DEFAULT_THRESHOLD = 512
@@ -138,6 +144,32 @@ def _param_cost(g, form, k, B, block, itemsize):
     return 2.0 * B * k * L * Co * CK, B * Co * CK, "B k L C_out C_in k^2"
 
 
+def check_kfac_layers(layers):
+    """Refuse (MissingRuleError) a parametric layer without Kronecker factors, naming it."""
+    for layer in layers:
+        if layer.num_params and not hasattr(layer, "kfac_input_factor"):
+            raise missing_rule(layer, "kfac_input_factor() and kfac_output_factor(M)",
+                               "for the Kronecker factors A and G that 'kfac' needs")
+
+
+def _kfac_param_cost(layer, g, form, k, B, out_shape):
+    """(flops, temporaries, order) of the factors A = sum a a^T (n_in^2 per term) and G read off M."""
+    if g["P"] == 0:
+        return 0.0, 0, ""
+    check_kfac_layers([layer])
+    T = layer.kfac_positions(tuple(out_shape))
+    n_out = g["d_out"] // T
+    n_in = g["P"] // n_out
+    flops_a, temp_a = 2.0 * B * T * n_in * n_in, B * T * n_in + n_in * n_in
+    if form == "full":  # the same-position blocks of M, summed
+        flops_g, temp_g, order_g = float(B * T * n_out * n_out), B * T * n_out * n_out, "B T n_out^2"
+    elif form == "sqrt":
+        flops_g, temp_g, order_g = 2.0 * B * k * T * n_out * n_out, B * k * g["d_out"], "B k T n_out^2"
+    else:
+        flops_g, temp_g, order_g = float(B * g["d_out"]), n_out * n_out, "B d_out"
+    return flops_a + flops_g, max(temp_a, temp_g) + n_out * n_out, f"B T n_in^2 + {order_g}"
+
+
 def _propagation_cost(g, form_out, k_out, form_in, k_in, B, itemsize):
     """(flops, temporaries, order) of M_out -> M_in through J_in."""
     d_in, d_out, kind = g["d_in"], g["d_out"], g["kind"]
@@ -194,12 +226,16 @@ def _sandwich_order(kind):
             "upsample": "B d_out (d_out + d_in)"}.get(kind, "B d_out d_in (d_out + d_in)")
 
 
-def step_cost(layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index=0, block=False):
-    """LayerCost of one backward step; form_* are (form, k) pairs, form_in None for the first layer."""
+def step_cost(layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index=0, block=False, kfac=False):
+    """LayerCost of one backward step; form_* are (form, k) pairs, form_in None for the first layer;
+    kfac: the parameters' part is the Kronecker factors instead of a diagonal (or block)."""
     g = geometry(layer, in_shape, out_shape)
     (fo, ko) = form_out
     m_out = _m_elements(fo, ko, g["d_out"], batch)
-    flops, work, order = _param_cost(g, fo, ko, batch, block, itemsize)
+    if kfac:
+        flops, work, order = _kfac_param_cost(layer, g, fo, ko, batch, out_shape)
+    else:
+        flops, work, order = _param_cost(g, fo, ko, batch, block, itemsize)
     m_in, name_in = 0, "-"
     if form_in is not None:
         fi, ki = form_in
@@ -257,7 +293,8 @@ class CostTable:
 
 
 def estimate_cost(model, input_shape, batch_size, method, threshold=None, dtype=None) -> CostTable:
-    """Per-layer bytes and FLOPs of ggn_diagonal (or 'block' for ggn_blocks), without running anything."""
+    """Per-layer bytes and FLOPs of ggn_diagonal (or 'block' for ggn_blocks, 'kfac' / 'kfac-approx' for
+    ggn_kfac), without running anything."""
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     layers = leaf_layers(model)
@@ -270,6 +307,7 @@ def estimate_cost(model, input_shape, batch_size, method, threshold=None, dtype=
                       output_bytes=_m_elements(fo, ko, sizes[-1], int(batch_size)) * itemsize)
     for i in range(len(layers) - 1, -1, -1):
         table.rows.append(step_cost(layers[i], shapes[i], shapes[i + 1], int(batch_size), forms[i + 1],
-                                    forms[i] if i > 0 else None, itemsize, index=i, block=method == "block"))
+                                    forms[i] if i > 0 else None, itemsize, index=i, block=method == "block",
+                                    kfac=method in KFAC_PLANS))
     return table
 

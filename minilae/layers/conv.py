@@ -351,6 +351,42 @@ class Conv2d(Layer):
         Jb = xp.broadcast_to(eye[:, None, :], (C_out, L, C_out)).reshape(C_out * L, C_out)
         return xp.concatenate([JW, xp.broadcast_to(Jb, (B,) + Jb.shape)], axis=2)
 
+    # ---- Kronecker factors (KFC, Grosse & Martens 2016; minilae.kfac) -----------------------------
+    # The flat layout is W (C_out, C k_h k_w) row by row, then b: the rows of W~ = [W | b]. At output
+    # position l, J_p = I_Cout (x) c_l^T with c_l = (cols[l], 1), so the exact block of one sample is
+    # sum_{l, l'} kron(M[(., l), (., l')], c_l c_l'^T); KFC keeps the l = l' terms (spatially
+    # uncorrelated derivatives) and factors their sum over the N T terms as kron(G, A) / (N T).
+    def kfac_positions(self, out_shape):
+        """T = H_out W_out, the number of positions summed in each factor per sample."""
+        return prod(out_shape[1:])
+
+    def kfac_input_factor(self):
+        """A = sum_{b, l} c_bl c_bl^T with c_bl = (cols[b, l], 1) (the 1 only with a bias): (C k_h k_w [+1], same)."""
+        cols = self._cols.reshape(-1, self._cols.shape[2])  # (B L, C k_h k_w)
+        if "bias" not in self.param_names:
+            return cols.T @ cols
+        xp = array_module(cols)
+        s = cols.sum(axis=0)
+        top = xp.concatenate([cols.T @ cols, s[:, None]], axis=1)
+        return xp.concatenate([top, xp.concatenate([s, xp.full(1, cols.shape[0], dtype=cols.dtype)])[None]], axis=0)
+
+    def kfac_output_factor(self, M):
+        """G[o, o'] = sum_{b, l} M_b[(o, l), (o', l)] from full M (B, C_out L, C_out L): the same-position entries."""
+        xp = array_module(M)
+        B, C_out = M.shape[0], self.out_channels
+        L = M.shape[1] // C_out
+        same = xp.diagonal(M.reshape(B, C_out, L, C_out, L), axis1=2, axis2=4)  # (B, C_out, C_out, L)
+        return same.sum(axis=(0, 3))
+
+    def kfac_output_factor_from_diag(self, m):
+        """G = diag(sum_{b, l} m_b[o, l]) from the diagonal m (B, C_out, H_out, W_out) alone."""
+        return array_module(m).diag(m.sum(axis=(0, 2, 3)))
+
+    def kfac_output_factor_from_sqrt(self, V):
+        """G = sum_{b, k, l} V[b, k, :, l] V[b, k, :, l]^T from a square-root factor V (B, k, C_out, H_out, W_out)."""
+        Vt = array_module(V).moveaxis(V.reshape(V.shape[:3] + (-1,)), 2, 3).reshape(-1, V.shape[2])
+        return Vt.T @ Vt
+
     def __repr__(self):
         return (f"Conv2d({self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding})")

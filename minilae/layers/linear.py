@@ -120,5 +120,35 @@ class Linear(Layer):
             return JW
         return xp.concatenate([JW, xp.broadcast_to(eye, (B, n_out, n_out))], axis=2)
 
+    # ---- Kronecker factors (KFAC, minilae.kfac) -------------------------------------------------
+    # The flat layout is W (out, in) row by row, then b: the rows of W~ = [W | b], so J_p = I_out (x) a^T with
+    # a = (x, 1), and the block J_p^T M J_p of one sample is exactly kron(M, a a^T).
+    def kfac_positions(self, out_shape):
+        """T = 1: one term per sample in each factor (one input vector per sample)."""
+        return 1
+
+    def kfac_input_factor(self):
+        """A = sum_b a_b a_b^T with a_b = (x_b, 1) (the 1 only with a bias): (in [+1], in [+1])."""
+        x = self._cached_input()
+        if "bias" not in self.param_names:
+            return x.T @ x
+        xp = array_module(x)
+        s = x.sum(axis=0)
+        top = xp.concatenate([x.T @ x, s[:, None]], axis=1)
+        return xp.concatenate([top, xp.concatenate([s, xp.full(1, x.shape[0], dtype=x.dtype)])[None]], axis=0)
+
+    def kfac_output_factor(self, M):
+        """G = sum_b M_b, the output curvature summed over the batch, from full M (B, out, out)."""
+        return M.sum(axis=0)
+
+    def kfac_output_factor_from_diag(self, m):
+        """G = diag(sum_b m_b) from the diagonal m (B, out) alone (approximate where M is not diagonal)."""
+        return array_module(m).diag(m.sum(axis=0))
+
+    def kfac_output_factor_from_sqrt(self, V):
+        """G = sum_b V_b^T V_b from a square-root factor V (B, k, out) of M."""
+        Vf = V.reshape(-1, V.shape[-1])
+        return Vf.T @ Vf
+
     def __repr__(self):
         return f"Linear({self.in_features}, {self.out_features})"
