@@ -71,7 +71,7 @@ def test_no_flags_means_the_online_lae_on_mnist():
     (["--prior-precision", "nan"], "number > 0"),
     (["--model", "resnet"], "invalid choice"),
     (["--dataset", "cifar10"], "invalid choice"),
-    (["--hessian", "kfac"], "invalid choice"),
+    (["--hessian", "block"], "invalid choice"),
     (["--backend", "jax"], "invalid choice"),
     (["--seed", "-3"], "integer >= 0"),
     (["--ensemble-size", "0"], "positive integer"),
@@ -90,6 +90,8 @@ def test_wrong_flag_values_are_usage_errors(args, message, capsys):
 
 @pytest.mark.parametrize("args, message", [
     (["--hessian", "mixed"], "--hessian mixed needs --hessian-threshold"),
+    (["--method", "online", "--hessian", "kfac"], "--hessian kfac is post-hoc only"),
+    (["--method", "online", "--hessian", "kfac-approx"], "is not sum_t w_t kron(G_t, A_t)"),
     (["--resume"], "--resume needs --out"),
 ])
 def test_impossible_flag_combinations(args, message, capsys):
@@ -483,6 +485,40 @@ def test_a_finished_posthoc_run_gets_a_new_posterior(posthoc_run, flags, changed
         # the fixed prior is the run's --prior-precision (1), not the evidence's optimum found before
         assert after["posterior"]["prior_precision"] == stored["args"]["prior_precision"] \
             != before["posterior"]["prior_precision"]
+
+
+@pytest.mark.slow
+def test_posthoc_kfac_end_to_end(posthoc_run, tmp_path, capsys, monkeypatch):
+    """`--method posthoc --hessian kfac` on real MNIST (the finished MLP post-hoc run given a KFAC posterior,
+    one KFAC pass for the suite's time): the checkpoint stores the Kronecker factors, load_run gives back the
+    same KroneckerLaplace and its predictive works, the MAP network is unchanged; resumed with --hessian
+    approx the run gets its diagonal back. Catches the KFAC posterior saved as a diagonal one (KeyError
+    'ggn') or loaded as one, and the KFAC flags counted as defining the MAP network (resume refused)."""
+    from minilae.kfac import KroneckerLaplace  # noqa: PLC0415
+    monkeypatch.setenv("MINILAE_DATA", data_root())
+    run_dir = copy_run(posthoc_run, tmp_path)
+    before, _ = load_checkpoint(run_dir / "checkpoint.npz")
+    assert train.main(["--out", str(run_dir), "--resume", "--hessian", "kfac"]) == 0
+    state, stored = load_checkpoint(run_dir / "checkpoint.npz")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert stored["args"]["hessian"] == metrics["posthoc"]["hessian"] == "kfac"
+    assert np.isfinite(metrics["posthoc"]["log_marginal_likelihood"])
+    assert metrics["posterior"]["precision_min"] >= metrics["posterior"]["prior_precision"] > 0
+    assert np.isfinite([metrics["val"][k] for k in ("mse", "log_px", "x_var")]).all() and metrics["val"]["x_var"] > 0
+    assert state["posterior"]["structure"] == "kfac" and "ggn" not in state["posterior"]
+    np.testing.assert_array_equal(state["trainer"]["theta"], before["trainer"]["theta"])
+    predictor = train.load_run(run_dir)
+    q = predictor.posterior
+    assert isinstance(q, KroneckerLaplace) and q.prior_precision == metrics["posterior"]["prior_precision"]
+    for blk, saved in zip(q.blocks, state["posterior"]["blocks"]):
+        np.testing.assert_array_equal(blk.A, saved["A"])
+        np.testing.assert_array_equal(blk.G, saved["G"])
+    x = load_dataset("mnist", "test", root=data_root())[0][:4]
+    pred = predictor.predict(x, n_samples=2, rng=5)
+    assert np.isfinite(pred.x_var).all() and (pred.x_var > 0).all()
+    assert train.main(["--out", str(run_dir), "--resume", "--hessian", "approx"]) == 0
+    again, _ = load_checkpoint(run_dir / "checkpoint.npz")
+    np.testing.assert_array_equal(again["posterior"]["ggn"], before["posterior"]["ggn"])
 
 
 @pytest.mark.slow
