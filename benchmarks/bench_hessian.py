@@ -7,13 +7,15 @@ done beforehand (f given). A step the memory budget cannot hold is refused by th
 allocates and recorded as "does not fit"; a run predicted (from the previous size and the FLOP estimate)
 to take longer than --max-seconds is recorded as "skipped". Log-log slopes of time and memory against
 the number of pixels are fitted over the largest measured sizes: ~1 for approx, ~2 for exact.
+KFAC (``kfac``: factors A, G with G from the exact M, walked as 'sqrt' walks it; ``kfac-approx``: G from
+diag M, walked as 'approx') is timed the same way, one call of ggn_kfac.
 On this net every feature has the same size 3 s^2, so 'mixed' is exact while 3 s^2 <= threshold and
 approximate above it.
 
 Part 2 - the autoencoders at batch 64 on 28x28: one approximate-diagonal GGN (forward included, and
 with f given) against one gradient computation (forward + backward) in the same run, and the relative
-error of approx and mixed against the exact diagonal (computed with full M or by the square-root method,
-whichever the cost estimate says is cheaper and fits).
+error of approx, mixed and the KFAC diagonal (diag(G)_i diag(A)_j / n) against the exact diagonal
+(computed with full M or by the square-root method, whichever the cost estimate says is cheaper and fits).
 
 Run:  python benchmarks/bench_hessian.py             (about 7 minutes on 2 cores)
       python benchmarks/bench_hessian.py --quick     (seconds; small sizes)
@@ -34,8 +36,9 @@ import numpy as np
 
 from minilae import backend
 from minilae.gradcheck import relative_error
-from minilae.hessian import MemoryBudgetError, estimate_cost, ggn_blocks, ggn_diagonal
+from minilae.hessian import MemoryBudgetError, estimate_cost, ggn_blocks, ggn_diagonal, ggn_kfac
 from minilae.hessian.chain import format_bytes, resolve_budget
+from minilae.kfac import KFAC_METHODS, kron_diagonal
 from minilae.layers import Conv2d, Sequential, Tanh
 from minilae.losses import Gaussian
 from minilae.models import conv_autoencoder, mlp_autoencoder
@@ -119,6 +122,8 @@ def sweep(args, budget):
             def run():
                 if method == "block":
                     return ggn_blocks(model, lik, x, x, memory_budget=budget, f=f)
+                if method in KFAC_METHODS:
+                    return ggn_kfac(model, lik, x, x, method=method, f=f, memory_budget=budget)
                 return ggn_diagonal(model, lik, x, x, method=method, threshold=args.threshold, f=f,
                                     memory_budget=budget)
 
@@ -134,7 +139,7 @@ def sweep(args, budget):
                 except MemoryBudgetError as err:  # refused before allocating
                     row.update(status="does not fit", message=str(err))
             rows.append(row)
-            print(f"  {method:>6} {s:>4}x{s:<4} {_cell(row)}", flush=True)
+            print(f"  {method:>11} {s:>4}x{s:<4} {_cell(row)}", flush=True)
     return rows
 
 
@@ -189,7 +194,7 @@ def sweep_table(rows, args, slopes):
     lines.append("log-log slopes vs pixels (largest sizes; mixed: its approximate regime):")
     for m, e in slopes.items():
         nan = float("nan")
-        lines.append(f"  {m:>6}: time {e.get('time', nan):.2f}, measured memory {e.get('memory', nan):.2f}, "
+        lines.append(f"  {m:>11}: time {e.get('time', nan):.2f}, measured memory {e.get('memory', nan):.2f}, "
                      f"estimated memory {e.get('estimated_memory', nan):.2f}")
     return "\n".join(lines)
 
@@ -269,6 +274,17 @@ def autoencoder_report(args, budget):
             row[f"mixed_{threshold}"] = dict(status="ok", seconds=best_time(mixed_run, args.repeats),
                                              rel_err=relative_error(mixed, exact), rel_err_l2=_l2(mixed, exact),
                                              per_layer=per_layer_errors(model, mixed, exact))
+        for method in args.ae_kfac:
+            def kfac_run(m=method):
+                return ggn_kfac(model, lik, x, x, method=m, f=f, memory_budget=budget)
+            try:
+                diag = kron_diagonal(kfac_run(), exact)
+            except MemoryBudgetError:
+                row[method] = dict(status="does not fit")
+                continue
+            row[method] = dict(status="ok", seconds=best_time(kfac_run, args.repeats),
+                               rel_err=relative_error(diag, exact), rel_err_l2=_l2(diag, exact),
+                               per_layer=per_layer_errors(model, diag, exact))
         rows.append(row)
     return rows
 
@@ -284,7 +300,7 @@ def _l2(a, b):
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def ae_table(rows, thresholds):
+def ae_table(rows, thresholds, kfac_methods=()):
     lines = []
     for r in rows:
         lines.append(f"{r['model']} AE, batch {r['batch']}, 28x28: gradient {r['grad_seconds'] * 1e3:.1f} ms, "
@@ -301,6 +317,13 @@ def ae_table(rows, thresholds):
                 continue
             lines.append(f"    mixed(threshold={t}): {m['seconds']:.2f} s, rel. error {m['rel_err']:.3f} / "
                          f"{m['rel_err_l2']:.3f}; per layer {m['per_layer']}")
+        for method in kfac_methods:
+            m = r[method]
+            if m["status"] != "ok":
+                lines.append(f"    {method} diagonal: does not fit")
+                continue
+            lines.append(f"    {method} diagonal (factors {m['seconds']:.2f} s): rel. error {m['rel_err']:.3f} / "
+                         f"{m['rel_err_l2']:.3f}; per layer {m['per_layer']}")
     return "\n".join(lines)
 
 
@@ -309,7 +332,8 @@ def ae_table(rows, thresholds):
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--sizes", default="8,16,24,32,48,64,96,128,192,256", help="image side lengths")
-    p.add_argument("--methods", default="approx,mixed,exact,block", help="approx, mixed, exact, sqrt, block")
+    p.add_argument("--methods", default="approx,mixed,exact,block,kfac,kfac-approx",
+                   help="approx, mixed, exact, sqrt, block, kfac, kfac-approx")
     p.add_argument("--threshold", type=int, default=4096, help="feature-size threshold of 'mixed' in the sweep")
     p.add_argument("--batch", type=int, default=1, help="batch size of the sweep")
     p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
@@ -318,6 +342,7 @@ def parse(argv=None):
     p.add_argument("--budget-gib", type=float, default=None, help="memory budget (default: 80%% of free memory)")
     p.add_argument("--ae-batch", type=int, default=64)
     p.add_argument("--ae-thresholds", default="512,1568", help="thresholds of 'mixed' on the autoencoders")
+    p.add_argument("--ae-kfac", default="kfac,kfac-approx", help="KFAC structures on the autoencoders ('' for none)")
     p.add_argument("--skip-ae", action="store_true")
     p.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     p.add_argument("--quick", action="store_true", help="small sizes and batch (a smoke run)")
@@ -328,6 +353,7 @@ def parse(argv=None):
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.methods = [m.strip() for m in args.methods.split(",")]
     args.ae_thresholds = [int(t) for t in args.ae_thresholds.split(",")]
+    args.ae_kfac = [m.strip() for m in args.ae_kfac.split(",") if m.strip()]
     return args
 
 
@@ -346,7 +372,7 @@ def main(argv=None):
     if not args.skip_ae:
         print(f"part 2: autoencoders, batch {args.ae_batch}")
         ae_rows = autoencoder_report(args, budget)
-        print(ae_table(ae_rows, args.ae_thresholds))
+        print(ae_table(ae_rows, args.ae_thresholds, args.ae_kfac))
     os.makedirs(args.out, exist_ok=True)
     png = os.path.join(args.out, "bench_hessian.png")
     plot(rows, args, slopes, budget, png)

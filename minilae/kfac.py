@@ -40,7 +40,7 @@ from .backend import array_module, asarray, xp
 from .laplace import check_rng, in_dtype, log_marginal_likelihood, optimize_prior_precision
 from .validation import positive, positive_int
 
-__all__ = ["KronBlock", "KroneckerLaplace", "kron_order", "kron_matvec", "KFAC_METHODS"]
+__all__ = ["KronBlock", "KroneckerLaplace", "kron_order", "kron_matvec", "kron_diagonal", "KFAC_METHODS"]
 
 KFAC_METHODS = ("kfac", "kfac-approx")
 """The KFAC structures: 'kfac' reads G off the exact M (full or square-root factor, as 'sqrt' walks);
@@ -61,6 +61,17 @@ def kron_order(n_out: int, n_in: int, bias: bool):
 def kron_matvec(G, A, V):
     """kron(G, A) vec(V) = vec(G V A^T) for V (..., n_out, n_in) (rows of V stacked)."""
     return G @ V @ A.T
+
+
+def kron_diagonal(blocks, like):
+    """diag(kron(G, A) / n) of every block, in the flat parameter order: diag(G)_i diag(A)_j / n (P,).
+    like: an array of the parameters' backend and dtype."""
+    xp_ = array_module(like)
+    out = xp_.empty(sum(blk.size for blk in blocks), dtype=like.dtype)
+    for blk in blocks:
+        d = xp_.diagonal(blk.G)[:, None] * xp_.diagonal(blk.A)[None, :] / blk.n
+        out[blk.offset + kron_order(*blk.shape, blk.bias)] = d.ravel()
+    return out
 
 
 @dataclass
@@ -184,9 +195,7 @@ class KroneckerLaplace:
     @property
     def precision(self):
         """The diagonal of Lambda: diag(G)_i diag(A)_j / n + lambda (the dense Lambda is never formed)."""
-        xp_ = array_module(self.mean)
-        parts = [xp_.diagonal(blk.G)[:, None] * xp_.diagonal(blk.A)[None, :] / blk.n for blk in self.blocks]
-        return self._join(parts, ()) + self.prior_precision
+        return kron_diagonal(self.blocks, self.mean) + self.prior_precision
 
     @property
     def variance(self):
