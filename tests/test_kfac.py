@@ -138,15 +138,23 @@ def test_on_a_nonlinear_net_the_exact_parts_are_exact_and_the_rest_is_reported(l
     assert all(e > 1e-3 for e, _ in errors[:2])
 
 
-def test_g_read_off_the_walk_is_the_exact_output_curvature():
-    """'kfac' walks M as a square-root factor where that is smaller (here the 3-column factor through the
-    16-feature layers): its G must equal the layer's rule applied to the dense M_l = sum of J^T H J of the
-    layers above. Catches the factor / full-M switch of the walk, and the sqrt read-off rule."""
+def bottleneck_net(rng):
+    return Sequential(Conv2d(1, 2, 3, padding=1, rng=rng), Tanh(), Flatten(), Linear(32, 2, rng=rng), Tanh(),
+                      Linear(2, 8, rng=rng), Tanh(), Linear(8, 6, rng=rng))
+
+
+@pytest.mark.parametrize("net, lik_name", [(small_net, "categorical"), (bottleneck_net, "gaussian")])
+def test_g_read_off_the_walk_is_the_exact_output_curvature(net, lik_name):
+    """'kfac' walks M as a square-root factor where that is smaller: small_net keeps the 3-column factor all
+    the way; bottleneck_net multiplies its 6-column factor out at the 2-feature bottleneck (sqrt -> full)
+    and factors M again where the chain widens (full -> sqrt). G must equal the layer's rule applied to the
+    dense M_l = sum of J^T H J of the layers above. Catches a missed switch of form, G read with the rule
+    of the wrong form, the sqrt read-off rule."""
     rng = np.random.default_rng(5)
-    model = small_net(rng)
+    model = net(rng)
     x = asarray(rng.standard_normal((3, 1, 4, 4)))
-    lik = Categorical()
-    y = targets("categorical", model(x), rng)
+    lik = LIKELIHOODS[lik_name]()
+    y = targets(lik_name, model(x), rng)
     blocks = kfac_blocks(model, lik, x, y)
     layers, hs = leaf_layers(model), [x]
     for layer in layers:
