@@ -79,9 +79,9 @@ from .data import DataError, load_dataset
 from .files import atomic_write, is_writable, stale_temp_files
 from .hessian import MemoryBudgetError, estimate_cost
 from .hessian.chain import BUDGET_FRACTION, format_bytes, resolve_budget
+from .kfac import KFAC_METHODS, KroneckerLaplace
 from .methods import (CHECKPOINT, METHODS, build_network, load_run, make_predictor, member_seed, method_likelihood,
                       stored_posterior)
-from .kfac import KFAC_METHODS, KroneckerLaplace
 from .online import DEFAULT_ALPHA, HESSIAN_METHODS, OnlineLaplace
 from .optim import Adam
 from .posthoc import fit_posthoc

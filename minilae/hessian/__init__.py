@@ -18,6 +18,7 @@ factor, the memory checks and the cost estimates.
 from __future__ import annotations
 
 from ..backend import array_module
+from ..kfac import KFAC_METHODS
 from ..losses import get_likelihood
 from .approx import approx_diagonal
 from .chain import MemoryBudgetError, check_memory, feature_shapes, forward_once, leaf_layers, resolve_budget, size
@@ -125,7 +126,7 @@ def ggn_kfac(model, likelihood, x, y, method="kfac", f=None, memory_budget=None)
     """KFAC factors of the batch: [KronBlock(A, G, n, offset, bias)] per parametric layer, the GGN block of
     each ~ kron(G, A) / n (minilae.kfac). method: 'kfac' (G from the exact M) or 'kfac-approx' (from diag M).
     f and memory_budget as in ggn_diagonal."""
-    if method not in ("kfac", "kfac-approx"):
+    if method not in KFAC_METHODS:
         raise ValueError(f"unknown KFAC method {method!r}; choose 'kfac' or 'kfac-approx'")
     layers, shapes, lik, f = _prepare(model, likelihood, x, f)
     return kfac_factors(layers, shapes, lik, f, y, resolve_budget(memory_budget, array_module(f)), method)
