@@ -398,3 +398,15 @@ def init_uniform(shape, fan_in: int, rng):
     bound = 1.0 / math.sqrt(fan_in)
     dtype = get_default_dtype()
     return backend.xp().asarray(rng.uniform(-bound, bound, size=shape), dtype=dtype)
+
+
+def gram_with_ones(rows, ones: bool):
+    """[R | 1]^T [R | 1] for rows R (n, d), the column of ones only if `ones`: (d [+1], d [+1]), without
+    copying R (the KFAC input factor of a layer with a bias)."""
+    gram = rows.T @ rows
+    if not ones:
+        return gram
+    xp = array_module(rows)
+    s = rows.sum(axis=0)
+    top = xp.concatenate([gram, s[:, None]], axis=1)
+    return xp.concatenate([top, xp.concatenate([s, xp.full(1, rows.shape[0], dtype=rows.dtype)])[None]], axis=0)

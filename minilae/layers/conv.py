@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .base import CHUNK_BYTES, Layer, init_uniform, prod
+from .base import CHUNK_BYTES, Layer, gram_with_ones, init_uniform, prod
 
 
 def _pair(value, name):
@@ -362,13 +362,7 @@ class Conv2d(Layer):
 
     def kfac_input_factor(self):
         """A = sum_{b, l} c_bl c_bl^T with c_bl = (cols[b, l], 1) (the 1 only with a bias): (C k_h k_w [+1], same)."""
-        cols = self._cols.reshape(-1, self._cols.shape[2])  # (B L, C k_h k_w)
-        if "bias" not in self.param_names:
-            return cols.T @ cols
-        xp = array_module(cols)
-        s = cols.sum(axis=0)
-        top = xp.concatenate([cols.T @ cols, s[:, None]], axis=1)
-        return xp.concatenate([top, xp.concatenate([s, xp.full(1, cols.shape[0], dtype=cols.dtype)])[None]], axis=0)
+        return gram_with_ones(self._cols.reshape(-1, self._cols.shape[2]), "bias" in self.param_names)  # (B L) rows
 
     def kfac_output_factor(self, M):
         """G[o, o'] = sum_{b, l} M_b[(o, l), (o', l)] from full M (B, C_out L, C_out L): the same-position entries."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .base import Layer, diag_of, init_uniform
+from .base import Layer, diag_of, gram_with_ones, init_uniform
 
 
 class Linear(Layer):
@@ -129,13 +129,7 @@ class Linear(Layer):
 
     def kfac_input_factor(self):
         """A = sum_b a_b a_b^T with a_b = (x_b, 1) (the 1 only with a bias): (in [+1], in [+1])."""
-        x = self._cached_input()
-        if "bias" not in self.param_names:
-            return x.T @ x
-        xp = array_module(x)
-        s = x.sum(axis=0)
-        top = xp.concatenate([x.T @ x, s[:, None]], axis=1)
-        return xp.concatenate([top, xp.concatenate([s, xp.full(1, x.shape[0], dtype=x.dtype)])[None]], axis=0)
+        return gram_with_ones(self._cached_input(), "bias" in self.param_names)
 
     def kfac_output_factor(self, M):
         """G = sum_b M_b, the output curvature summed over the batch, from full M (B, out, out)."""
