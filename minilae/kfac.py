@@ -11,9 +11,9 @@ the sum of products by the product of the sums:
 
     H ~ kron(G, A) / n,   A = sum_{b,t} a_bt a_bt^T,   G = sum_{b,t} M_b[t, t],   n = N T.
 
-**The 1/n scaling lives here and only here** (:attr:`KronBlock.matrix`): the engine and the layers
-return the plain sums A, G and the count n = N T of their terms, so factors of several batches
-are added before scaling. With means E[A] = A / n and E[G] = G / n this is the usual n E[G] (x) E[A].
+**The 1/n scaling is stated in one place**, :attr:`KronBlock.scale`, which every operation below uses:
+the engine and the layers return the plain sums A, G and the count n = N T of their terms, so factors of
+several batches are added before scaling. With means E[A] = A / n and E[G] = G / n this is the usual n E[G] (x) E[A].
 It is exact when one term is summed (one sample of a Linear layer) and whenever M_b[t, t] is the same
 for every term (a deep linear network under a Gaussian likelihood): then G = n M and H = kron(M, A).
 
@@ -69,7 +69,7 @@ def kron_diagonal(blocks, like):
     xp_ = array_module(like)
     out = xp_.empty(sum(blk.size for blk in blocks), dtype=like.dtype)
     for blk in blocks:
-        d = xp_.diagonal(blk.G)[:, None] * xp_.diagonal(blk.A)[None, :] / blk.n
+        d = xp_.diagonal(blk.G)[:, None] * xp_.diagonal(blk.A)[None, :] * blk.scale
         out[blk.offset + kron_order(*blk.shape, blk.bias)] = d.ravel()
     return out
 
@@ -95,9 +95,14 @@ class KronBlock:
         """Number of parameters of the layer, n_out n_in."""
         return self.shape[0] * self.shape[1]
 
+    @property
+    def scale(self) -> float:
+        """1 / n: the GGN block is kron(G, A) * scale (the module docstring says why)."""
+        return 1.0 / self.n
+
     def matrix(self):
         """The KFAC block kron(G, A) / n in the rows-of-W~ order (dense: small layers, tests and plots)."""
-        return array_module(self.A).kron(self.G, self.A) / self.n
+        return array_module(self.A).kron(self.G, self.A) * self.scale
 
     def __add__(self, other):
         """The factors of two batches: A, G and n add (the scaling is applied once, at the end)."""
@@ -131,7 +136,7 @@ class KroneckerLaplace:
                 if not bool(array_module(S).isfinite(S).all()):
                     raise ValueError(f"factor {name} of the layer at offset {blk.offset} has non-finite entries")
             (g, U_G), (a, U_A) = _eigh_psd(blk.G.astype(mean.dtype)), _eigh_psd(blk.A.astype(mean.dtype))
-            self._eig.append((g[:, None] * a[None, :] / blk.n, U_G, U_A))
+            self._eig.append((g[:, None] * a[None, :] * blk.scale, U_G, U_A))
         self.prior_precision = prior_precision
 
     def _check_cover(self):
@@ -189,7 +194,7 @@ class KroneckerLaplace:
 
     def matvec(self, v):
         """Lambda v = vec(G V A) / n + lambda v, per block, for v (P,) or (k, P)."""
-        parts = [kron_matvec(blk.G, blk.A, V) / blk.n for blk, V in zip(self.blocks, self._split(v))]
+        parts = [kron_matvec(blk.G, blk.A, V) * blk.scale for blk, V in zip(self.blocks, self._split(v))]
         return self._join(parts, v.shape[:-1]) + self.prior_precision * v
 
     @property
