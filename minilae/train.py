@@ -10,8 +10,9 @@ GGN) on MNIST; ``--help`` lists every flag. A run writes into its output folder:
   latent.png           latent codes over the decoder-variance heat-map (Fig. 1; 2-D latent only)
 
 The methods (``--method``): ``ae`` trains the mean network only (MAP); ``posthoc`` trains the same
-MAP network, then fits a diagonal Laplace posterior with the GGN over the whole training set (in
-batches of ``--posthoc-batch-size``, default ``--batch-size``) and chooses the prior precision by
+MAP network, then fits a diagonal Laplace posterior (KFAC with ``--hessian kfac``, see minilae.kfac)
+with the GGN over the whole training set (in batches of ``--posthoc-batch-size``, default
+``--batch-size``) and chooses the prior precision by
 the Laplace marginal likelihood; ``online`` is the LAE of the paper (eq. 10-11, see
 :mod:`minilae.online`). The paper's baselines (appendix A): ``ae-var``, an AE whose decoder also
 outputs a per-pixel log-variance (heteroscedastic Gaussian likelihood); ``vae``, a VAE with KL

@@ -431,7 +431,8 @@ def test_sigterm_ends_like_ctrl_c(sig, code, said, tmp_path):
 
 @pytest.mark.parametrize("method, hessian, what", [("online", "exact", "the online training step"),
                                                    ("posthoc", "exact", "the post-hoc GGN pass"),
-                                                   ("posthoc", "sqrt", "the post-hoc GGN pass")])
+                                                   ("posthoc", "sqrt", "the post-hoc GGN pass"),
+                                                   ("posthoc", "kfac", "the post-hoc GGN pass")])
 def test_a_hessian_pass_that_cannot_fit_is_refused_before_training(method, hessian, what, tmp_path, capsys,
                                                                    monkeypatch):
     """Catches the post-hoc pass refused only after a whole epoch of training (and at a hidden batch of 256)."""
