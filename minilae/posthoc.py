@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import sys
 
+from . import distributed
 from .backend import array_module, asarray
 from .data import batches, n_batches
 from .hessian import ggn_diagonal
@@ -32,11 +33,15 @@ def dataset_ggn(model, x, likelihood=None, method="approx", threshold=None, batc
     """(G, log p(D | theta)): G = sum over all images of the diagonal GGN at the model's parameters.
 
     x is a host array (N, C, H, W); each batch is moved to the backend, run forward once, and
-    that forward serves both the log-likelihood and the Hessian engine (``f=f``).
+    that forward serves both the log-likelihood and the Hessian engine (``f=f``). Data parallel
+    (:mod:`minilae.distributed`): each rank sums over its contiguous shard of x, then G and log p are
+    summed over the ranks.
     """
     likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
     dtype = model.get_params().dtype
     G, log_lik = None, 0.0
+    comm = distributed.current()
+    x = x[comm.shard(len(x))]
     it = batches(x, batch_size, shuffle=False)
     if progress and sys.stderr.isatty():
         from tqdm import tqdm  # noqa: PLC0415
@@ -49,7 +54,7 @@ def dataset_ggn(model, x, likelihood=None, method="approx", threshold=None, batc
         G_b = ggn_diagonal(model, likelihood, xb, xb, method=method, threshold=threshold, f=f)
         check_finite(f"the GGN of batch {i + 1}", G_b, i + 1)
         G = G_b if G is None else G + G_b
-    return G, log_lik
+    return comm.allreduce_sum(G), comm.allreduce_sum(log_lik)
 
 
 def fit_posthoc(model, x_train, likelihood=None, method="approx", threshold=None, batch_size=256,
