@@ -8,6 +8,7 @@ are subprocesses, marked slow.
 import json
 import numbers
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -259,3 +260,176 @@ def test_fit_over_ranks_equals_one_process_and_only_rank_0_writes(rng, tmp_path,
     assert writers == [0, 0]  # one checkpoint per epoch, by rank 0
     state, _ = load_checkpoint(tmp_path / "two" / "ckpt.npz")
     np.testing.assert_array_equal(state["trainer"]["theta"], theta)
+
+
+@pytest.mark.backends("numpy")
+@pytest.mark.parametrize("n_train, batch_size, n_val, message", [
+    (64, 1, 10, "too few in --batch-size (1)"),
+    (65, 32, 10, "too few in the last batch of an epoch (1)"),
+    (64, 32, 2, "too few in the validation images (2)"),
+])
+def test_a_run_that_leaves_a_rank_without_images_is_refused(n_train, batch_size, n_val, message):
+    """Catches a data-parallel run that starts and then fails (or hangs) at the first batch a rank gets no
+    image of; on one process the same sizes are fine."""
+    from minilae import train  # noqa: PLC0415
+
+    config = {**train.DEFAULTS, "batch_size": batch_size}
+    with pytest.raises(train.UsageError, match=re.escape(f"3 ranks need at least 3 images in every batch; {message}")):
+        train._check_ranks(config, type("Three", (distributed.SingleProcess,), {"size": 3})(), n_train, n_val)
+    train._check_ranks(config, distributed.SingleProcess(), n_train, n_val)
+
+
+# ----------------------------------------------------------------------------------------------
+# MPI: real ranks under mpiexec (subprocesses)
+
+def mpiexec():
+    """The mpiexec beside this Python (the MPICH wheel's) or on PATH; skips (fails under CI=true) without MPI."""
+    found = Path(sys.executable).with_name("mpiexec")
+    found = str(found) if found.exists() else shutil.which("mpiexec")
+    try:
+        import mpi4py  # noqa: F401, PLC0415
+    except ImportError:
+        found = None
+    if found is None:
+        reason = f"MPI test: mpi4py or mpiexec is missing; install them with {distributed.INSTALL}"
+        if in_ci():
+            pytest.fail(f"{reason} - CI=true, so missing MPI is an error", pytrace=False)
+        pytest.skip(reason)
+    return found
+
+
+def run_ranks(args, ranks=2, timeout=180, **kw):
+    """`mpiexec -n ranks python ARGS` in its own session (so a kill reaches every rank); CompletedProcess."""
+    env = {**os.environ, "MINILAE_DATA": str(require_data()), "MPLBACKEND": "Agg"}
+    return subprocess.run([mpiexec(), "-n", str(ranks), sys.executable, *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, start_new_session=True, **kw)
+
+
+COMM_SCRIPT = textwrap.dedent("""
+    import json, numpy as np
+    from minilae import backend, distributed
+    comm = distributed.init("mpi")
+    host = np.full(3, comm.rank + 1.0)
+    total = comm.allreduce_sum(host)
+    backend.set_backend("guard")  # a backend array goes through the host explicitly and comes back as one
+    guard = comm.allreduce_sum(backend.asarray(np.arange(2.0) * (comm.rank + 1)))
+    try:
+        comm.check_identical(np.array([float(comm.rank)]), "the probe")
+        differs = None
+    except distributed.DistributedError as err:
+        differs = str(err)
+    comm.check_identical(np.arange(4.0), "theta")
+    print(json.dumps({"rank": comm.rank, "size": comm.size, "total": total.tolist(), "in_place": total is host,
+                      "guard": backend.to_numpy(guard).tolist(), "guard_type": type(guard).__module__,
+                      "count": comm.allreduce_sum(comm.rank + 1), "mean": comm.mean({"v": comm.rank * 1.0}, comm.rank + 1),
+                      "root": comm.broadcast(f"from {comm.rank}"), "differs": differs}))
+""")
+
+
+@pytest.mark.slow
+@pytest.mark.backends("numpy")
+def test_the_mpi_communicator_on_two_ranks():
+    """Catches an MPI all-reduce that is not the sum (or not in place on host buffers), a backend array that
+    comes back as a host array, a broadcast from the wrong rank and a divergence check that cannot fail."""
+    done = run_ranks(["-c", COMM_SCRIPT], timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = sorted((json.loads(line) for line in done.stdout.splitlines()), key=lambda r: r["rank"])
+    assert [r["rank"] for r in out] == [0, 1]
+    for r in out:
+        assert r["size"] == 2 and r["total"] == [3.0] * 3 and r["in_place"] and r["count"] == 3
+        assert r["guard"] == [0.0, 3.0] and r["guard_type"] == "minilae._guard"
+        assert r["mean"] == {"v": 2 / 3} and r["root"] == "from 0"
+        assert "the probe differs between the 2 ranks" in r["differs"]
+
+
+TINY = ["--limit-train", "96", "--batch-size", "32", "--limit-val", "32", "--samples", "2", "--ood-dataset", "none",
+        "--no-plots", "--quiet", "--dtype", "float64", "--seed", "3"]
+EPOCHS = 3
+RUNS = {"online": ["--method", "online", "--epochs", str(EPOCHS), *TINY],
+        "posthoc": ["--method", "posthoc", "--epochs", "1", "--posthoc-batch-size", "20", *TINY]}
+EQUAL = 1e-9  # float64 after a few Adam steps: the ranks' partial sums added in another order than one process's
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{method: (one-process run folder, 2-rank run folder)} of the same command."""
+    from minilae import train  # noqa: PLC0415
+
+    folders = {}
+    for method, args in RUNS.items():
+        base = tmp_path_factory.mktemp(method)
+        os.environ.setdefault("MINILAE_DATA", str(require_data()))
+        assert train.main([*args, "--out", str(base / "one")]) == 0
+        two = run_ranks(["-m", "minilae.train", *args, "--out", str(base / "two")])
+        assert two.returncode == 0, two.stderr
+        folders[method] = (base / "one", base / "two")
+    return folders
+
+
+def close(a, b, what):
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    error = float(np.abs(a - b).max() / np.abs(b).max())
+    assert error <= EQUAL, f"{what}: relative difference {error:.2e} > {EQUAL:g}"
+
+
+@pytest.mark.slow
+@pytest.mark.backends("numpy")
+@pytest.mark.parametrize("method", list(RUNS))
+def test_two_ranks_end_where_one_process_ends(method, runs):
+    """Catches a 2-rank run on real MNIST that is another computation than one process with the same global batch
+    (a shard's gradient, its own weight samples, a GGN not summed) and a rank other than 0 writing files."""
+    one, two = runs[method]
+    (a, _), (b, _) = load_checkpoint(one / "checkpoint.npz"), load_checkpoint(two / "checkpoint.npz")
+    assert a["epoch"] == b["epoch"] and a["trainer"]["t"] == b["trainer"]["t"]
+    close(b["trainer"]["theta"], a["trainer"]["theta"], "theta")
+    if method == "online":
+        close(b["trainer"]["H"], a["trainer"]["H"], "H")
+    else:
+        close(b["posterior"]["ggn"], a["posterior"]["ggn"], "the post-hoc GGN")
+        close(b["posterior"]["prior_precision"], a["posterior"]["prior_precision"], "the prior precision")
+    m_a, m_b = (json.loads((d / "metrics.json").read_text()) for d in (one, two))
+    assert m_b["distributed"] == {"kind": "mpi", "ranks": 2} and "distributed" not in m_a
+    for k in ("mse", "log_px", "x_var", "z_var"):  # the K = 2 networks split 1 + 1 over the ranks
+        close(m_b["val"][k], m_a["val"][k], f"validation {k}")
+    assert sorted(p.name for p in two.iterdir()) == ["checkpoint.npz", "metrics.json"]
+
+
+@pytest.mark.slow
+@pytest.mark.backends("numpy")
+def test_a_killed_two_rank_run_resumes_to_the_uninterrupted_result(runs, tmp_path):
+    """Catches a 2-rank resume that is not exact: ranks reading different checkpoints, a rank that starts afresh,
+    or a kill that leaves a partial checkpoint."""
+    cut = tmp_path / "cut"
+    env = {**os.environ, "MINILAE_DATA": str(require_data())}
+    proc = subprocess.Popen([mpiexec(), "-n", "2", sys.executable, "-m", "minilae.train", *RUNS["online"],
+                             "--out", str(cut)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+                            start_new_session=True)
+    deadline = time.monotonic() + 120
+    while not (cut / "checkpoint.npz").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGKILL)  # mpiexec and both ranks, possibly mid-write
+    proc.wait()
+    state, _ = load_checkpoint(cut / "checkpoint.npz")
+    assert state["stage"] == "train" and 1 <= state["epoch"] < EPOCHS, "the run was not interrupted mid-training"
+
+    resumed = run_ranks(["-m", "minilae.train", "--out", str(cut), "--resume", "--quiet"])
+    assert resumed.returncode == 0, resumed.stderr
+    (a, _), (b, _) = load_checkpoint(runs["online"][1] / "checkpoint.npz"), load_checkpoint(cut / "checkpoint.npz")
+    assert a["epoch"] == b["epoch"] == EPOCHS
+    np.testing.assert_array_equal(b["trainer"]["theta"], a["trainer"]["theta"])
+    np.testing.assert_array_equal(b["trainer"]["H"], a["trainer"]["H"])
+
+
+@pytest.mark.slow
+@pytest.mark.backends("numpy")
+@pytest.mark.parametrize("args, status, message", [
+    (["--out", "{run}"], 1, "already holds a run"),  # rank 0 alone fails; rank 1 waits for it
+    (["--method", "vae", "--out", "{new}"], 2, "--method vae does not run on 2 ranks"),
+])
+def test_a_failing_rank_ends_the_whole_job(args, status, message, runs, tmp_path):
+    """Catches a job that hangs when one rank stops (the other waits forever in a collective) or a method that
+    cannot run data parallel silently training something else."""
+    args = [a.format(run=runs["online"][1], new=tmp_path / "new") for a in args]
+    done = run_ranks(["-m", "minilae.train", *TINY, "--epochs", "1", *args], timeout=60)  # a hang times out
+    assert done.returncode == status and message in done.stderr, done.stderr
+    assert not (tmp_path / "new" / "checkpoint.npz").exists()
