@@ -30,6 +30,10 @@ decoder, the encoder variance of a VAE); the reported variance is then the law o
 
 the first term by Welford, the second as a running mean. ``draws(seed)`` must give the same draws
 for the same seed: chunks of inputs replay it.
+
+Data parallel (:mod:`minilae.distributed`): :func:`predict_draws` splits the K draws over the ranks (rank r
+evaluates draws r, r + R, ...; every rank runs the whole sequence, so shared generators stay in step) and merges
+the ranks' moments; :func:`decode_draws` (the latent figure, drawn on rank 0 alone) is not split.
 """
 from __future__ import annotations
 

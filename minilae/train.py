@@ -50,6 +50,11 @@ before it trains.
 The backend: ``--backend``, else ``$MINILAE_BACKEND``, else (on ``--resume``) the checkpoint's, else
 numpy; it does not define the model, so a GPU run can be continued on a CPU with ``--backend numpy``.
 
+Data parallel (``mpiexec -n R python -m minilae.train ...``, :mod:`minilae.distributed`): every rank holds the
+model and steps on its shard of each global batch, with the sums all-reduced, so the run is the one-process
+computation; rank 0 alone owns the folder (creates, locks, cleans it), reads the checkpoint for all ranks, writes
+checkpoints, metrics and figures and prints. A rank that fails aborts the job. Methods: PARALLEL_METHODS.
+
 Exit status: 0 done; 1 runtime error (a short message on stderr, no traceback: data, checkpoint,
 folder, memory, divergence, a failed write such as a full disk); 2 usage error; 130 after Ctrl-C
 (SIGINT) and 143 after SIGTERM, both keeping the checkpoint of the last finished epoch and printing

@@ -253,6 +253,10 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
     parameters of the best validation epoch; the returned state also keeps the last epoch's
     (``last``, when it is not the best) so that a finished run can be continued exactly.
 
+    Data parallel (:mod:`minilae.distributed`): every rank passes the same x_train and x_val, steps on its shard
+    of each batch and scores its shard of x_val; the statistics are averaged over the ranks, rank 0 alone writes
+    the checkpoint, and theta is checked to be identical on all ranks after every epoch.
+
     Divergence: a non-finite loss, gradient, parameter or precision, or a validation MSE above
     ``divergence_factor`` times the untrained model's (measured before the first step), raises
     TrainingDivergedError; the checkpoint of the last good epoch is kept.

@@ -105,6 +105,7 @@ class ThreadRanks(distributed.SingleProcess):
 # ----------------------------------------------------------------------------------------------
 # the communicators
 
+@pytest.mark.backends("numpy")  # host-only index arithmetic
 @pytest.mark.parametrize("n, size", [(7, 1), (7, 2), (7, 3), (8, 4), (5, 5)])
 def test_shards_cover_every_item_once_in_order(n, size):
     """Catches shards that overlap, drop the remainder n mod R or reorder the batch (a different computation)."""
@@ -114,6 +115,7 @@ def test_shards_cover_every_item_once_in_order(n, size):
     assert max(lengths) - min(lengths) <= 1 and min(lengths) >= 1
 
 
+@pytest.mark.backends("numpy")
 def test_a_shard_of_nothing_is_refused():
     """Catches an empty shard reaching the layers (which cannot run a batch of 0 images)."""
     with pytest.raises(ValueError, match="3 item.* cannot be split over 4 ranks"):
