@@ -53,7 +53,7 @@ numpy; it does not define the model, so a GPU run can be continued on a CPU with
 Data parallel (``mpiexec -n R python -m minilae.train ...``, :mod:`minilae.distributed`): every rank holds the
 model and steps on its shard of each global batch, with the sums all-reduced, so the run is the one-process
 computation; rank 0 alone owns the folder (creates, locks, cleans it), reads the checkpoint for all ranks, writes
-checkpoints, metrics and figures and prints. A rank that fails aborts the job. Methods: PARALLEL_METHODS.
+checkpoints, metrics and figures and prints. A rank that fails aborts the job. Methods: ae, posthoc, online, ae-var.
 
 Exit status: 0 done; 1 runtime error (a short message on stderr, no traceback: data, checkpoint,
 folder, memory, divergence, a failed write such as a full disk); 2 usage error; 130 after Ctrl-C

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from conftest import in_ci, require_data
 
-from minilae import backend, distributed
+from minilae import distributed
 from minilae.backend import asarray, to_numpy
 from minilae.data import batches
 from minilae.laplace import DiagonalLaplace
