@@ -58,6 +58,7 @@ Design choices, and why:
 """
 from __future__ import annotations
 
+from . import distributed
 from .backend import array_module, asarray
 from .hessian import ggn_diagonal
 from .laplace import DiagonalLaplace, check_rng
@@ -125,8 +126,11 @@ class OnlineLaplace:
         """(lambda / N) theta_t: the gradient of the prior's share lambda / (2N) ||theta_t||^2 of the objective."""
         return (self.prior_precision / self.n_data) * self.theta
 
-    def batch_ggn(self, x, f):
-        """(N / B) G, G = diag sum_b J_b^T H_out J_b at the model's current parameters (last forward gave f)."""
+    def batch_ggn(self, x, f, n_batch=None):
+        """(N / B) G, G = diag sum_b J_b^T H_out J_b at the model's current parameters (last forward gave f).
+
+        n_batch: B, the images of the whole batch when x is one rank's shard (default x.shape[0]); the sum over
+        the ranks' shards is the caller's all-reduce."""
         G = ggn_diagonal(self.model, self.likelihood, x, x, method=self.hessian, threshold=self.threshold, f=f)
         check_finite("the batch GGN", G, self.t + 1)
         xp = array_module(G)
@@ -136,23 +140,28 @@ class OnlineLaplace:
             raise TrainingDivergedError(
                 f"at step {self.t + 1} the batch GGN has a negative diagonal entry ({float(G.min()):.3e}) "
                 "beyond round-off: the Hessian engine returned a non-PSD matrix")
-        return xp.maximum(G, 0) * (self.n_data / x.shape[0])
+        return xp.maximum(G, 0) * (self.n_data / (x.shape[0] if n_batch is None else n_batch))
 
     def _initial_precision(self, x):
         """H_0 = (N / B) G_0 / alpha: the stationary value of eq. 11 for the first batch, at the initial mean."""
         f = self.model.forward(x)
         check_finite("the reconstruction", f, self.t + 1)
-        return self.batch_ggn(x, f) / self.alpha
+        comm = distributed.current()
+        return comm.allreduce_sum(self.batch_ggn(x, f, comm.allreduce_sum(x.shape[0]))) / self.alpha
 
     def step(self, x, rng):
         """One minibatch of eq. 10-11: sample, Adam step on the mean, precision update; host stats.
 
         rng: a Generator of the backend (e.g. minilae.backend.xp().random.default_rng(seed)) for theta_s.
+        Data parallel (:mod:`minilae.distributed`): x is this rank's shard of the batch and rng the same
+        generator on every rank, so all ranks draw the same theta_s; the gradient and G are summed over the
+        ranks before the step.
         """
         check_rng(rng)  # before H_0 is computed: a refused step changes nothing
         if self.H is None:
             self.H = self._initial_precision(x)
-        B = x.shape[0]
+        comm = distributed.current()
+        B = comm.allreduce_sum(x.shape[0])
         thetas = self._q(copy=False).sample(self.n_samples, rng)
         grad = G = None
         stats = {}
@@ -163,11 +172,13 @@ class OnlineLaplace:
             nll = self.likelihood.nll(f, x)
             g_s = self.model.vjp_params(self.likelihood.grad(f, x) / B)
             check_finite("the gradient", g_s, self.t + 1)
-            G_s = self.batch_ggn(x, f)
+            G_s = self.batch_ggn(x, f, B)
             grad = g_s if grad is None else grad + g_s
             G = G_s if G is None else G + G_s
             for k, v in reconstruction_stats(f, x, nll).items():
                 stats[k] = stats.get(k, 0.0) + v / self.n_samples
+        grad = comm.allreduce_sum(grad)
+        G = comm.allreduce_sum(G)
         grad /= self.n_samples
         grad += self.prior_grad()
         G /= self.n_samples

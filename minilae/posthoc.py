@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import sys
 
+from . import distributed
 from .backend import array_module, asarray
 from .data import batches, n_batches
 from .hessian import ggn_diagonal, ggn_kfac
@@ -37,11 +38,15 @@ def dataset_ggn(model, x, likelihood=None, method="approx", threshold=None, batc
     """(G, log p(D | theta)): G = sum over all images of the diagonal GGN at the model's parameters.
 
     x is a host array (N, C, H, W); each batch is moved to the backend, run forward once, and
-    that forward serves both the log-likelihood and the Hessian engine (``f=f``).
+    that forward serves both the log-likelihood and the Hessian engine (``f=f``). Data parallel
+    (:mod:`minilae.distributed`): each rank sums over its contiguous shard of x, then G and log p are
+    summed over the ranks.
     """
     likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
     dtype = model.get_params().dtype
     G, log_lik = None, 0.0
+    comm = distributed.current()
+    x = x[comm.shard(len(x))]
     it = batches(x, batch_size, shuffle=False)
     if progress and sys.stderr.isatty():
         from tqdm import tqdm  # noqa: PLC0415
@@ -54,7 +59,7 @@ def dataset_ggn(model, x, likelihood=None, method="approx", threshold=None, batc
         G_b = ggn_diagonal(model, likelihood, xb, xb, method=method, threshold=threshold, f=f)
         check_finite(f"the GGN of batch {i + 1}", G_b, i + 1)
         G = G_b if G is None else G + G_b
-    return G, log_lik
+    return comm.allreduce_sum(G), comm.allreduce_sum(log_lik)
 
 
 def dataset_kfac(model, x, likelihood=None, method="kfac", batch_size=256, progress=False):

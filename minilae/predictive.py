@@ -30,6 +30,10 @@ decoder, the encoder variance of a VAE); the reported variance is then the law o
 
 the first term by Welford, the second as a running mean. ``draws(seed)`` must give the same draws
 for the same seed: chunks of inputs replay it.
+
+Data parallel (:mod:`minilae.distributed`): :func:`predict_draws` splits the K draws over the ranks (rank r
+evaluates draws r, r + R, ...; every rank runs the whole sequence, so shared generators stay in step) and merges
+the ranks' moments; :func:`decode_draws` (the latent figure, drawn on rank 0 alone) is not split.
 """
 from __future__ import annotations
 
@@ -37,6 +41,7 @@ import numbers
 from collections import namedtuple
 from dataclasses import dataclass
 
+from . import distributed
 from .backend import array_module, asarray, to_numpy, xp
 from .hessian.chain import MemoryBudgetError, format_bytes, resolve_budget
 from .losses import Gaussian, get_likelihood
@@ -60,6 +65,13 @@ class _Moments:
         self.mean[rows] += delta / k
         self.m2[rows] += delta * delta * ((k - 1) / k)
         self.k = k
+
+    def reduce(self, comm, K):
+        """The moments of all K networks from each rank's: mean = sum_r k_r mean_r / K,
+        M2 = sum_r M2_r + k_r (mean_r - mean)^2 (Chan et al.'s pairwise update)."""
+        mean = comm.allreduce_sum(self.mean * self.k) / K
+        self.m2 = comm.allreduce_sum(self.m2 + self.k * (self.mean - mean) ** 2)
+        self.mean, self.k = mean, K
 
     @property
     def variance(self):
@@ -171,19 +183,28 @@ class _Mean:
         a = 0.0 if a is None else a.astype(xp().float64)
         self.mean[rows] += (a - self.mean[rows]) / k
 
+    def reduce(self, comm, k, K):
+        """The mean over all K networks from each rank's mean over its k: sum_r k_r mean_r / K."""
+        self.mean = comm.allreduce_sum(self.mean * k) / K
 
-def _run_draws(iterator, step):
-    """step(k, draw) for k = 1, 2, ... over the draws; the iterator is closed even on an error (so a
-    generator puts the model's parameters back at once). Returns K."""
+
+def _run_draws(iterator, step, comm=distributed.SingleProcess()):
+    """step(k, draw) for k = 1, 2, ... over this rank's draws (draw i of the iterator belongs to rank i mod R;
+    every rank runs the whole iterator, so a shared generator draws the same networks everywhere); the
+    iterator is closed even on an error (so a generator puts the model's parameters back at once).
+    Returns (k, K): this rank's draws and all ranks'."""
     k = 0
     try:
-        for k, draw in enumerate(iterator, start=1):
-            step(k, draw)
+        for i, draw in enumerate(iterator):
+            if i % comm.size == comm.rank:
+                k += 1
+                step(k, draw)
     finally:
         getattr(iterator, "close", lambda: None)()
-    if k == 0:
+    K = comm.allreduce_sum(k)
+    if K == 0:
         raise ValueError("the draws yielded no network")
-    return k
+    return k, K
 
 
 def _predict_chunk(draws, x, latent_size, batch_size, dtype):
@@ -203,7 +224,14 @@ def _predict_chunk(draws, x, latent_size, batch_size, dtype):
             x_own.add(k, sl, p.x_var)
             log_px[sl] -= p.nll
 
-    K = _run_draws(draws(), step)
+    comm = distributed.current()  # data parallel: the K networks are split over the ranks
+    k, K = _run_draws(draws(), step, comm)
+    if comm.size > 1:
+        z_mom.reduce(comm, K)
+        x_mom.reduce(comm, K)
+        z_own.reduce(comm, k, K)
+        x_own.reduce(comm, k, K)
+        log_px = comm.allreduce_sum(log_px)
     mse = ((x.astype(xp().float64) - x_mom.mean) ** 2).reshape(n, -1).mean(axis=1)
     return Prediction(z_mom.mean, z_mom.variance + z_own.mean, x_mom.mean, x_mom.variance + x_own.mean,
                       log_px / K, mse, K)

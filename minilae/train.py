@@ -51,6 +51,11 @@ before it trains.
 The backend: ``--backend``, else ``$MINILAE_BACKEND``, else (on ``--resume``) the checkpoint's, else
 numpy; it does not define the model, so a GPU run can be continued on a CPU with ``--backend numpy``.
 
+Data parallel (``mpiexec -n R python -m minilae.train ...``, :mod:`minilae.distributed`): every rank holds the
+model and steps on its shard of each global batch, with the sums all-reduced, so the run is the one-process
+computation; rank 0 alone owns the folder (creates, locks, cleans it), reads the checkpoint for all ranks, writes
+checkpoints, metrics and figures and prints. A rank that fails aborts the job. Methods: ae, posthoc, online, ae-var.
+
 Exit status: 0 done; 1 runtime error (a short message on stderr, no traceback: data, checkpoint,
 folder, memory, divergence, a failed write such as a full disk); 2 usage error; 130 after Ctrl-C
 (SIGINT) and 143 after SIGTERM, both keeping the checkpoint of the last finished epoch and printing
@@ -74,7 +79,7 @@ from pathlib import Path
 
 import numpy as np  # host-side: data subsets, metrics and plots
 
-from . import backend
+from . import backend, distributed
 from .backend import BackendError, to_numpy
 from .data import DataError, load_dataset
 from .files import atomic_write, is_writable, stale_temp_files
@@ -103,7 +108,7 @@ DEFAULTS = {
     "train_samples": 1, "samples": 100, "seed": 0, "out": None, "resume": False, "limit_train": None,
     "limit_val": None, "ood_dataset": "auto", "dtype": "float32", "data_root": None, "lr_patience": 5,
     "stop_patience": 8, "quiet": False, "no_plots": False, "overwrite": False,
-    "posthoc_batch_size": None, "beta": 1e-3, "dropout": 0.2, "ensemble_size": 5,
+    "posthoc_batch_size": None, "beta": 1e-3, "dropout": 0.2, "ensemble_size": 5, "distributed": None,
 }
 # flags that define the trained model: a resumed run must keep them (the checkpoint's value is used)
 RUN_KEYS = ("dataset", "model", "method", "hessian", "threshold", "latent_size", "batch_size", "lr", "alpha",
@@ -112,6 +117,9 @@ RUN_KEYS = ("dataset", "model", "method", "hessian", "threshold", "latent_size",
 # ... except, for --method posthoc, the posterior's flags: they do not define the MAP network, and a finished
 # post-hoc run resumed with other values gets its posterior recomputed
 POSTHOC_KEYS = ("hessian", "threshold", "fix_prior")
+# methods that run data parallel (more than one rank): their steps are sums over images (no per-image noise)
+# and they write one checkpoint; vae and mc-dropout draw per-image noise, an ensemble juggles member files
+PARALLEL_METHODS = ("ae", "posthoc", "online", "ae-var")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,6 +243,10 @@ def build_parser(suppress_defaults=False):
                    help="array backend: numpy (CPU) or cupy (GPU); default: $MINILAE_BACKEND, else the "
                         "checkpoint's with --resume, else numpy")
     g.add_argument("--dtype", choices=("float32", "float64"), default=d("dtype"), help="parameter dtype")
+    g.add_argument("--distributed", choices=distributed.KINDS, default=d("distributed"),
+                   help="data parallel over the ranks of `mpiexec -n R python -m minilae.train ...`: mpi (host "
+                        "buffers) or nccl (CuPy arrays on one GPU per rank); by default mpi when started by "
+                        "mpiexec with more than one rank, else one process. Methods: " + ", ".join(PARALLEL_METHODS))
     g.add_argument("--out", default=d("out"),
                    help="output folder (default: runs/<dataset>-<model>-<method>-<time>); a run locks it, and "
                         "a folder that holds a run is refused without --resume or --overwrite")
@@ -316,7 +328,7 @@ def with_checkpoint(args, explicit):
                               + "\nDrop these flags to continue that run, or choose a new --out folder.")
     _check_epochs(explicit.get("epochs"), state, path.parent)
     config = {**DEFAULTS, **stored_args, **explicit, "resume": True, "overwrite": False, "out": args["out"],
-              "backend": _backend_name(explicit, stored_args)}
+              "backend": _backend_name(explicit, stored_args), "distributed": explicit.get("distributed")}
     _check_mixed(config)
     _check_kfac(config)
     return config, (state, stored)
@@ -578,6 +590,22 @@ def _use_backend(name):
                                                 if name == "cupy" else "")) from None
 
 
+def _check_ranks(config, comm, n_train, n_val):
+    """Refuse a data-parallel run that cannot give every rank at least one image of every batch."""
+    if comm.size == 1:
+        return
+    if config["method"] not in PARALLEL_METHODS:
+        raise UsageError(f"--method {config['method']} does not run on {comm.size} ranks; data parallel: "
+                         f"{', '.join(PARALLEL_METHODS)} (start it without mpiexec)")
+    last = n_train % config["batch_size"]
+    sizes = {"--batch-size": config["batch_size"], "the last batch of an epoch": last or n_train,
+             "the validation images": n_val}
+    small = [f"{what} ({n})" for what, n in sizes.items() if n < comm.size]
+    if small:
+        raise UsageError(f"{comm.size} ranks need at least {comm.size} images in every batch; too few in "
+                         f"{', '.join(small)}: use fewer ranks, a larger --batch-size or another --limit-train")
+
+
 def _posthoc_batch_size(config):
     return config["posthoc_batch_size"] or config["batch_size"]
 
@@ -622,6 +650,8 @@ def run(config, resumed=None, log=print, argv=None):
     quiet_log = log if not config["quiet"] else (lambda *a, **k: None)
     data = _load_data(config)
     ensemble = config["method"] == "ensemble"
+    comm = distributed.current()
+    _check_ranks(config, comm, len(data["train"]), len(data["val"]))
 
     model = _network(config, data["train"].shape[1:], member=0 if ensemble else None)
     signature = model_signature(model, config["model"])
@@ -640,7 +670,7 @@ def run(config, resumed=None, log=print, argv=None):
     quiet_log(f"{config['method']} | {config['model']} | {config['dataset']} ({len(data['train'])} train, "
               f"{len(data['val'])} val) | {size}{model.num_params} parameters | backend {config['backend']} | "
               f"output {out}")
-    if config["overwrite"]:
+    if config["overwrite"] and comm.is_root:
         _clear_previous_run(out, quiet_log)
 
     start = time.perf_counter()
@@ -658,7 +688,8 @@ def run(config, resumed=None, log=print, argv=None):
         posterior, posthoc_info = _fit_posterior(config, model, trainer, state, data["train"], quiet_log)
         state = _final_state(state, config, posterior, posthoc_info)
         predictor = make_predictor(config["method"], config, model, posterior)
-    save_checkpoint(ckpt_path, state, stored_config)
+    if comm.is_root:
+        save_checkpoint(ckpt_path, state, stored_config)
 
     n_samples = predictor.n_draws(config["samples"])
     quiet_log(f"evaluating with {n_samples} stochastic pass(es) on {len(data['val'])} validation images"
@@ -675,6 +706,10 @@ def run(config, resumed=None, log=print, argv=None):
     }
     if ensemble:
         metrics["members"] = [_member_summary(config, m, s) for m, s in enumerate(state["members"])]
+    if comm.size > 1:
+        metrics["distributed"] = {"kind": comm.kind, "ranks": comm.size}
+    if not comm.is_root:  # rank 0 alone writes the metrics and figures
+        return metrics
     if not config["no_plots"]:
         metrics["figures"] = _figures(out, config, predictor, (data["val"], val_pred),
                                       None if ood_pred is None else (data["ood"], ood_pred, data["ood_name"]),
@@ -793,26 +828,49 @@ def _interrupted(err, out):
 
 
 def main(argv=None):
-    """Entry point; returns the exit status (0 ok, 1 runtime error, 2 usage error, 130 SIGINT, 143 SIGTERM)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    """Entry point; returns the exit status (0 ok, 1 runtime error, 2 usage error, 130 SIGINT, 143 SIGTERM).
+
+    Under mpiexec a rank that fails ends every rank (MPI_Abort), since the others would wait for it forever."""
+    status = _command(sys.argv[1:] if argv is None else list(argv))
+    comm = distributed.current()
+    if status and comm.size > 1:
+        sys.stderr.flush()
+        comm.abort(status)
+    return status
+
+
+def _silent(*args, **kwargs):
+    """The log of ranks other than 0."""
+
+
+def _command(argv):
+    """main() in one process (or one rank): the exit status."""
     out = "RUN_DIR"
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if in_main_thread else None
     try:
         args, explicit = parse_args(argv)
-        out = _out_dir(args)
-        with run_folder(out, create=not args["resume"]):
-            if args["resume"]:
-                config, resumed = with_checkpoint(args, explicit)
+        comm = distributed.init(args["distributed"])
+        out = comm.broadcast(_out_dir(args))  # one time stamp for all ranks
+        # rank 0 owns the folder (creates, locks and cleans it) and reads the checkpoint for every rank
+        with run_folder(out, create=not args["resume"]) if comm.is_root else contextlib.nullcontext():
+            if not comm.is_root:
+                config, resumed = comm.broadcast(None)
+            elif args["resume"]:
+                config, resumed = comm.broadcast(with_checkpoint(args, explicit))
             else:
                 _refuse_existing_run(out, args["overwrite"])
-                config, resumed = args, None
-            run({**config, "out": str(out)}, resumed, argv=argv)
+                config, resumed = comm.broadcast((args, None))
+            if comm.is_root:
+                run({**config, "out": str(out)}, resumed, argv=argv)
+            else:
+                run({**config, "out": str(out), "quiet": True}, resumed, log=_silent, argv=argv)
     except UsageError as err:
         build_parser().print_usage(sys.stderr)
         print(f"python -m minilae.train: error: {err}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingDivergedError, BackendError, RunFolderError) as err:
+    except (DataError, CheckpointError, TrainingDivergedError, BackendError, RunFolderError,
+            distributed.DistributedError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except MemoryBudgetError as err:

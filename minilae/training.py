@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np  # host side only: checkpoint files and seed derivation
 
+from . import distributed
 from .backend import array_module, asarray, to_numpy, xp
 from .data import batches, n_batches
 from .files import atomic_write
@@ -168,12 +169,14 @@ class MAPTrainer:
 
         The forward runs in training mode: a dropout model draws a new mask, and the gradient is that of the
         network the mask selects."""
+        comm = distributed.current()  # data parallel: x is this rank's shard of the batch, B the batch's size
         with training_mode(self.model, True):
             f = self.model.forward(x)
             check_finite("the reconstruction", f, self.t + 1)
             nll = self.likelihood.nll(f, x)
             # d/dtheta mean_b l_b = J^T (dl/df / B): one backward pass
-            grad = self.model.vjp_params(self.likelihood.grad(f, x) / x.shape[0])
+            grad = self.model.vjp_params(self.likelihood.grad(f, x) / comm.allreduce_sum(x.shape[0]))
+        grad = comm.allreduce_sum(grad)
         if self.prior_precision:
             grad += (self.prior_precision / self.n_data) * self.theta  # the prior: weight decay lambda / N
         check_finite("the gradient", grad, self.t + 1)
@@ -250,12 +253,18 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
     parameters of the best validation epoch; the returned state also keeps the last epoch's
     (``last``, when it is not the best) so that a finished run can be continued exactly.
 
+    Data parallel (:mod:`minilae.distributed`): every rank passes the same x_train and x_val, steps on its shard
+    of each batch and scores its shard of x_val; the statistics are averaged over the ranks, rank 0 alone writes
+    the checkpoint, and theta is checked to be identical on all ranks after every epoch.
+
     Divergence: a non-finite loss, gradient, parameter or precision, or a validation MSE above
     ``divergence_factor`` times the untrained model's (measured before the first step), raises
     TrainingDivergedError; the checkpoint of the last good epoch is kept.
     """
     if len(x_train) == 0 or len(x_val) == 0:
         raise ValueError(f"need training and validation images, got {len(x_train)} and {len(x_val)}")
+    comm = distributed.current()  # data parallel: each rank steps on its shard of every batch, rank 0 writes
+    x_val = x_val[comm.shard(len(x_val))]
     scheduler = ReduceLROnPlateau(trainer.optimizer, factor=lr_factor, patience=lr_patience)
     stopper = EarlyStopping(patience=stop_patience)
     if resume is not None:
@@ -268,8 +277,7 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
                "untrained_val_mse": resume.get("untrained_val_mse")}
         log(f"resumed from the checkpoint after epoch {run['epoch']} (step {trainer.t})")
     else:
-        run = {"epoch": 0, "history": [], "best": None,
-               "untrained_val_mse": reconstruction_mse(trainer.model, x_val, likelihood=_likelihood(trainer))}
+        run = {"epoch": 0, "history": [], "best": None, "untrained_val_mse": _val_mse(trainer, x_val, comm)}
     dtype = trainer.theta.dtype
     steps_per_epoch = n_batches(len(x_train), batch_size)
     for epoch in range(run["epoch"], epochs):
@@ -280,8 +288,9 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
         bar, it = _progress(batches(x_train, batch_size, rng=host_rng), steps_per_epoch,
                             f"epoch {epoch + 1}/{epochs}", progress)
         for i, xb in enumerate(it):
+            part = xb[comm.shard(len(xb))]
             try:
-                stats = trainer.step(asarray(xb, dtype=dtype), backend_rng)
+                stats = comm.mean(trainer.step(asarray(part, dtype=dtype), backend_rng), len(part))
             except TrainingDivergedError as err:
                 raise TrainingDivergedError(f"epoch {epoch + 1}, batch {i + 1}/{steps_per_epoch}: {err}") from None
             seen += len(xb)
@@ -292,7 +301,7 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
         if bar is not None:
             bar.close()
         train_time = time.perf_counter() - start
-        val_mse = reconstruction_mse(trainer.model, x_val, likelihood=_likelihood(trainer))
+        val_mse = _val_mse(trainer, x_val, comm)
         _check_val_mse(val_mse, run["untrained_val_mse"], divergence_factor, epoch + 1, trainer.t)
         record = {"epoch": epoch + 1, "step": trainer.t, "lr": trainer.optimizer.lr,
                   **{f"train_{k}": v / seen for k, v in sums.items()}, "val_mse": val_mse,
@@ -307,7 +316,8 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
             f"lr {record['lr']:.2e}, {train_time:.1f} s ({record['images_per_s']:.0f} img/s)"
             + ("  [best]" if stopper.improved else ""))
         state = _run_state(trainer, scheduler, stopper, run, stage="train")
-        if checkpoint is not None:
+        comm.check_identical(trainer.theta, f"theta after epoch {epoch + 1}")
+        if checkpoint is not None and comm.is_root:
             save_checkpoint(checkpoint, state, config or {})
         if on_epoch_end is not None:
             on_epoch_end(epoch + 1, record)
@@ -321,6 +331,12 @@ def fit(trainer, x_train, x_val, *, epochs, batch_size, seed=0, lr_patience=5, l
             last = trainer.snapshot()
         trainer.restore(run["best"])
     return _run_state(trainer, scheduler, stopper, run, stage="train", last=last)
+
+
+def _val_mse(trainer, x_val, comm):
+    """The validation MSE over all ranks' shards x_val: per-pixel means weighted by the shards' pixel counts."""
+    mse = reconstruction_mse(trainer.model, x_val, likelihood=_likelihood(trainer))
+    return comm.mean({"mse": mse}, x_val.size)["mse"]
 
 
 def _likelihood(trainer):
