@@ -26,7 +26,7 @@ from . import distributed
 from .backend import array_module, asarray
 from .data import batches, n_batches
 from .hessian import ggn_diagonal, ggn_kfac
-from .kfac import KFAC_METHODS, KroneckerLaplace
+from .kfac import KFAC_METHODS, KronBlock, KroneckerLaplace
 from .laplace import DiagonalLaplace
 from .losses import Gaussian, get_likelihood
 from .training import check_finite
@@ -47,12 +47,7 @@ def dataset_ggn(model, x, likelihood=None, method="approx", threshold=None, batc
     G, log_lik = None, 0.0
     comm = distributed.current()
     x = x[comm.shard(len(x))]
-    it = batches(x, batch_size, shuffle=False)
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm  # noqa: PLC0415
-
-        it = tqdm(it, total=n_batches(len(x), batch_size), desc="GGN over the training set", leave=False)
-    for i, xb in enumerate(it):
+    for i, xb in enumerate(_batches(x, batch_size, progress, "GGN over the training set")):
         xb = asarray(xb, dtype=dtype)
         f = model.forward(xb)
         log_lik -= float(likelihood.nll(f, xb).sum())
@@ -63,16 +58,14 @@ def dataset_ggn(model, x, likelihood=None, method="approx", threshold=None, batc
 
 
 def dataset_kfac(model, x, likelihood=None, method="kfac", batch_size=256, progress=False):
-    """([KronBlock] with A, G and n summed over all images, log p(D | theta)), batch by batch as dataset_ggn."""
+    """([KronBlock] with A, G and n summed over all images, log p(D | theta)), batch by batch as dataset_ggn
+    (data parallel too: each rank sums its shard, then A, G, n and log p are summed over the ranks)."""
     likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
     dtype = model.get_params().dtype
     blocks, log_lik = None, 0.0
-    it = batches(x, batch_size, shuffle=False)
-    if progress and sys.stderr.isatty():
-        from tqdm import tqdm  # noqa: PLC0415
-
-        it = tqdm(it, total=n_batches(len(x), batch_size), desc="KFAC factors over the training set", leave=False)
-    for i, xb in enumerate(it):
+    comm = distributed.current()
+    x = x[comm.shard(len(x))]
+    for i, xb in enumerate(_batches(x, batch_size, progress, "KFAC factors over the training set")):
         xb = asarray(xb, dtype=dtype)
         f = model.forward(xb)
         log_lik -= float(likelihood.nll(f, xb).sum())
@@ -81,7 +74,19 @@ def dataset_kfac(model, x, likelihood=None, method="kfac", batch_size=256, progr
             check_finite(f"the KFAC factor G of batch {i + 1}", blk.G, i + 1)
             check_finite(f"the KFAC factor A of batch {i + 1}", blk.A, i + 1)
         blocks = batch_blocks if blocks is None else [a + b for a, b in zip(blocks, batch_blocks)]
-    return blocks, log_lik
+    blocks = [KronBlock(comm.allreduce_sum(b.A), comm.allreduce_sum(b.G), comm.allreduce_sum(b.n), b.offset, b.bias)
+              for b in blocks]
+    return blocks, comm.allreduce_sum(log_lik)
+
+
+def _batches(x, batch_size, progress, desc):
+    """The batches of x in order, under a progress bar when asked and stderr is a terminal."""
+    it = batches(x, batch_size, shuffle=False)
+    if progress and sys.stderr.isatty():
+        from tqdm import tqdm  # noqa: PLC0415
+
+        it = tqdm(it, total=n_batches(len(x), batch_size), desc=desc, leave=False)
+    return it
 
 
 def fit_posthoc(model, x_train, likelihood=None, method="approx", threshold=None, batch_size=256,

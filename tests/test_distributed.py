@@ -29,7 +29,7 @@ from minilae.laplace import DiagonalLaplace
 from minilae.models import mlp_autoencoder
 from minilae.online import OnlineLaplace
 from minilae.optim import Adam
-from minilae.posthoc import dataset_ggn
+from minilae.posthoc import dataset_ggn, dataset_kfac
 from minilae.predictive import predict
 from minilae.training import MAPTrainer, epoch_rngs, fit, load_checkpoint
 
@@ -207,6 +207,20 @@ def test_posthoc_ggn_over_shards_equals_one_process(rng):
     comm = ThreadRanks(2)
     for G, log_lik in comm.run(lambda: dataset_ggn(tiny_autoencoder(), x, method="exact", batch_size=5)):
         np.testing.assert_allclose(to_numpy(G), to_numpy(G1), rtol=TIGHT)
+        assert log_lik == pytest.approx(log_lik1, rel=TIGHT)
+
+
+def test_posthoc_kfac_over_shards_equals_one_process(rng):
+    """Catches KFAC factors (A, G or their count n) or the log-likelihood of one shard only, or of the whole data
+    on every rank (each rank would then add the full sums)."""
+    x = images(rng)
+    one, log_lik1 = dataset_kfac(tiny_autoencoder(), x, method="kfac", batch_size=5)
+    comm = ThreadRanks(2)
+    for blocks, log_lik in comm.run(lambda: dataset_kfac(tiny_autoencoder(), x, method="kfac", batch_size=5)):
+        for b, b1 in zip(blocks, one, strict=True):
+            assert b.n == b1.n
+            np.testing.assert_allclose(to_numpy(b.A), to_numpy(b1.A), rtol=TIGHT, atol=TIGHT * float(abs(b1.A).max()))
+            np.testing.assert_allclose(to_numpy(b.G), to_numpy(b1.G), rtol=TIGHT, atol=TIGHT * float(abs(b1.G).max()))
         assert log_lik == pytest.approx(log_lik1, rel=TIGHT)
 
 
