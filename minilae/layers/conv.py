@@ -312,6 +312,13 @@ class Conv2d(Layer):
                     vjp_flops=2 * L * Co * CK + L * CK, vjp_work=L * CK)
 
     # ---- dense Jacobians --------------------------------------------------------------------
+    def input_rows(self, dtype):
+        """The rows of J_in = T for every sample, a broadcast view (B, d_out, d_in): one scatter instead of
+        d_out transposed convolutions per sample (the engine's default, from unit vectors)."""
+        x = self._cached_input()
+        T = self.conv_matrix(tuple(x.shape[1:])).astype(dtype, copy=False)
+        return array_module(x).broadcast_to(T, (x.shape[0],) + T.shape)
+
     def conv_matrix(self, in_shape):
         """T with y_flat = T x_flat (+ b): T[(o,h,w), (c, h*s+u-p, w*s+t-p)] = W[o,c,u,t]."""
         xp = array_module(self.weight)
