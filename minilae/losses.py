@@ -129,6 +129,7 @@ class Likelihood:
     """Common interface; the subclasses below implement the per-sample maths."""
 
     name = "likelihood"
+    diagonal_hessian = False  # True where H_b is diagonal for every f (hess_diag then holds all of it)
 
     def nll(self, f, y):
         """l_b = -log p(y_b | f_b), shape (B,)."""
@@ -176,6 +177,7 @@ class Gaussian(Likelihood):
     """y ~ N(f, sigma^2 I) with fixed sigma: the mean-squared-error likelihood."""
 
     name = "gaussian"
+    diagonal_hessian = True
 
     def __init__(self, sigma=1.0):
         try:
@@ -249,6 +251,7 @@ class Bernoulli(Likelihood):
     """
 
     name = "bernoulli"
+    diagonal_hessian = True
 
     def _check(self, f, y):
         _check_f(f)

@@ -203,6 +203,33 @@ def test_exact_diagonal_equals_diagonal_of_brute_force(net, lik_name, method):
                  f"{method} summed diagonal")
 
 
+class FactorGaussian(Gaussian):
+    """The Gaussian likelihood with its diagonal Hessian undeclared: 'sqrt' then pushes the factor S = I / sigma."""
+
+    diagonal_hessian = False
+
+
+@pytest.mark.parametrize("net", [*NETS, "single_linear", "activations_only"])
+def test_sqrt_from_the_diagonal_head_equals_sqrt_from_the_factor(net):
+    """Bug caught: the diagonal head of 'sqrt' (diag(H_out) kept down to the first mixing layer, then M_in or
+    its factor diag(sqrt(m)) J_in) losing or misplacing a term - e.g. m instead of sqrt(m) in the factor, or
+    the wrong feature's form handed to the rest of the walk. Both paths are exact: they agree in float64 on
+    every net (ending in a narrowing Linear: the factor branch; in a widening one or Reshape: full M_in; a
+    single layer and a chain without mixing layers: the head alone)."""
+    rng = np.random.default_rng(3)
+    if net == "single_linear":
+        model, in_shape = Sequential(Linear(5, 3, rng=rng)), (5,)
+    elif net == "activations_only":
+        model, in_shape = Sequential(Linear(4, 6, rng=rng), Tanh(), Reshape(2, 3), Sigmoid()), (4,)
+    else:
+        model, in_shape = NETS[net](rng)
+    x = asarray(rng.standard_normal((BATCH,) + in_shape))
+    y = asarray(rng.standard_normal((BATCH,) + tuple(model(x).shape[1:])))
+    head = ggn_diagonal(model, Gaussian(sigma=SIGMA), x, y, method="sqrt", per_sample=True)
+    factor = ggn_diagonal(model, FactorGaussian(sigma=SIGMA), x, y, method="sqrt", per_sample=True)
+    assert_close(head, factor, 1e-12, "sqrt: diagonal head vs the factor of H_out")
+
+
 @pytest.mark.parametrize("net", ["conv", "mlp_ae"])
 def test_exact_diagonal_is_the_diagonal_of_the_blocks(net):
     model, lik, x, y = make(net, "gaussian")

@@ -436,6 +436,18 @@ def test_jac_input_matches_finite_differences(case):
     assert_close(J, fd_jac_input(layer, x), RTOL, f"{layer!r} J_in")
 
 
+@pytest.mark.parametrize("make", [lambda rng: (Linear(4, 3, rng=rng), (4,)),
+                                  lambda rng: (Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0), rng=rng), (2, 5, 4))],
+                         ids=["linear", "conv2d"])
+def test_input_rows_equal_the_products_with_unit_vectors(make):
+    """Bug caught: a layer's own input_rows (W, or the convolution matrix, broadcast over the batch) that is not
+    J_in: transposed, or a stride / padding misplaced; against Layer.input_rows, J_in^T on the unit vectors."""
+    rng = np.random.default_rng(5)
+    layer, in_shape = make(rng)
+    layer(asarray(rng.standard_normal((3,) + in_shape)))
+    assert_close(layer.input_rows(np.float64), Layer.input_rows(layer, np.float64), EXACT, f"{layer!r} rows")
+
+
 def test_jac_params_matches_finite_differences(param_case):
     layer, x = param_case
     J = layer.jac_params(x)

@@ -52,15 +52,21 @@ def plan_forms(method: str, sizes, threshold=None, k_out=None):
         # the likelihood hands us a factor: keep it if it is smaller, or if the last layer widens
         keep = k < sizes[-1] or (L > 0 and sizes[-2] > sizes[-1])
         forms[L] = ("sqrt", k) if keep else ("full", None)
-        for i in range(L, 0, -1):
-            form, k = forms[i]
-            d_out, d_in = sizes[i], sizes[i - 1]
-            if form == "full":
-                forms[i - 1] = ("sqrt", d_out) if d_in > d_out else ("full", None)
-            else:
-                forms[i - 1] = ("full", None) if k > d_in else ("sqrt", k)
-        return forms
+        return sqrt_forms_below(forms, sizes, L)
     raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS + tuple(KFAC_PLANS))}")
+
+
+def sqrt_forms_below(forms, sizes, top):
+    """Fill forms[:top] walking back from the form at feature `top`, the smaller form winning at each
+    feature: a full M is factored (k = d_out) where the chain widens, a factor with k > d is multiplied out."""
+    for i in range(top, 0, -1):
+        form, k = forms[i]
+        d_out, d_in = sizes[i], sizes[i - 1]
+        if form == "full":
+            forms[i - 1] = ("sqrt", d_out) if d_in > d_out else ("full", None)
+        else:
+            forms[i - 1] = ("full", None) if k > d_in else ("sqrt", k)
+    return forms
 
 
 DEFAULT_THRESHOLD = 512

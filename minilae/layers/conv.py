@@ -194,7 +194,10 @@ class Conv2d(Layer):
         xp = array_module(v)
         B, C_out = v.shape[:2]
         vl = v.reshape(B, C_out, -1)
-        gW = (vl @ (self._cols if cols is None else cols)).sum(axis=0)  # (C_out, C*kh*kw)
+        # dW^T = colsT v^T: the (C k_h k_w, L) im2col matrix as it is stored, on the left (1.35-1.65x faster than
+        # v cols at the conv AE's middle layers, batch 64, float32)
+        colsT = (self._cols if cols is None else cols).transpose(0, 2, 1)
+        gW = (colsT @ vl.transpose(0, 2, 1)).sum(axis=0).T  # (C_out, C*kh*kw)
         parts = [gW.ravel()]
         if "bias" in self.param_names:
             parts.append(vl.sum(axis=(0, 2)))
@@ -312,6 +315,13 @@ class Conv2d(Layer):
                     vjp_flops=2 * L * Co * CK + L * CK, vjp_work=L * CK)
 
     # ---- dense Jacobians --------------------------------------------------------------------
+    def input_rows(self, dtype):
+        """The rows of J_in = T for every sample, a broadcast view (B, d_out, d_in): one scatter instead of
+        d_out transposed convolutions per sample (the engine's default, from unit vectors)."""
+        x = self._cached_input()
+        T = self.conv_matrix(tuple(x.shape[1:])).astype(dtype, copy=False)
+        return array_module(x).broadcast_to(T, (x.shape[0],) + T.shape)
+
     def conv_matrix(self, in_shape):
         """T with y_flat = T x_flat (+ b): T[(o,h,w), (c, h*s+u-p, w*s+t-p)] = W[o,c,u,t]."""
         xp = array_module(self.weight)

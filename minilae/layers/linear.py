@@ -103,6 +103,11 @@ class Linear(Layer):
         return dict(kind="linear", vjp_flops=2 * self.in_features * self.out_features, vjp_work=self.in_features)
 
     # ---- dense Jacobians --------------------------------------------------------------------
+    def input_rows(self, dtype):
+        """The rows of J_in = W for every sample, a broadcast view (B, out, in): no product with unit vectors."""
+        W = self.weight.astype(dtype, copy=False)
+        return array_module(W).broadcast_to(W, (self._cached_input().shape[0],) + W.shape)
+
     def jac_input(self, x):
         """J_in = W for every sample: (B, out, in)."""
         self.forward(x)
