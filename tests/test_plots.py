@@ -13,21 +13,24 @@ def images(rng, n=5):
     return rng.uniform(0, 1, size=(n, 1, 4, 4))
 
 
+@pytest.mark.parametrize("log_scale", [False, True])
 @pytest.mark.parametrize("with_variance", [True, False])
-def test_reconstruction_rows_and_scale(with_variance):
+def test_reconstruction_rows_and_scale(with_variance, log_scale):
     """Catches a deterministic model's zero variance drawn as a row on a '0 to 1' colour scale (the ae bug of
-    issue 15), and a variance scale that is not the largest variance shown."""
+    issue 15), a variance scale that is not the largest variance shown, and a variance row without its colour bar."""
     rng = np.random.default_rng(0)
     x_var = 0.02 * images(rng) if with_variance else None
     groups = [("MNIST", images(rng), images(rng), x_var), ("FashionMNIST", images(rng), images(rng), x_var)]
-    fig = reconstruction_figure(groups, n=4)
+    fig = reconstruction_figure(groups, n=4, log_scale=log_scale)
     rows = 3 if with_variance else 2
-    assert len(fig.axes) == 2 * rows * 4
-    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel()]
+    colour_bars = [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+    assert len(fig.axes) == 2 * rows * 4 + len(colour_bars) and len(colour_bars) == (2 if with_variance else 0)
+    labels = [ax.get_ylabel() for ax in fig.axes if ax.get_ylabel() and ax not in colour_bars]
     assert labels == [f"{g}\n{w}" for g in ("MNIST", "FashionMNIST") for w in ("input", "mean", "variance")[:rows]]
     title = fig._suptitle.get_text()
     if with_variance:
-        assert f"variance scale 0 to {max(x_var[:4].max(), x_var[:4].max()):.3g}" in title
+        low = 1e-4 * x_var[:4].max() if log_scale else 0
+        assert f"variance scale {low:.3g} to {x_var[:4].max():.3g}" in title and ("log" in title) == log_scale
     else:
         assert "no predictive variance" in title and "0 to" not in title
 
