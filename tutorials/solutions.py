@@ -1,0 +1,163 @@
+"""Reference solutions and checkers of the tutorials' exercises (try the exercise before reading on).
+
+Each exercise in a notebook has a stub that returns ``None`` and a checking cell that calls
+:func:`exercise`: it first shows that the checker rejects a deliberately wrong answer (so the check
+can fail), then checks your answer - or, while your stub still returns ``None``, this file's
+reference solution, which is how CI proves every checker works.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from minilae.backend import asarray, to_numpy
+
+
+def exercise(name, check, yours, reference, wrong):
+    """Run check on a wrong answer (it must raise AssertionError), then on yours - or on the reference while
+    yours is still the stub that returns None."""
+    try:
+        check(wrong)
+    except AssertionError:
+        pass
+    else:
+        raise AssertionError(f"{name}: the checker accepted a wrong answer")
+
+    def stub_aware(*args, **kwargs):
+        out = yours(*args, **kwargs)
+        if out is None:
+            raise _Stub
+        return out
+
+    try:
+        check(stub_aware)
+        who = "your answer"
+    except _Stub:
+        check(reference)
+        who = "the reference solution (tutorials/solutions.py; write yours in the cell above)"
+    print(f"{name}: {who} passes the check")
+
+
+class _Stub(Exception):
+    """Raised when an exercise stub returns None (not answered yet)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# 04: the Laplacian autoencoder
+
+def evidence(log_lik, lam, theta, G):
+    """log p(D | lambda) ~= log p(D | theta*) - lambda/2 ||theta*||^2 + P/2 log lambda - 1/2 sum_i log(G_i + lambda)."""
+    return log_lik - 0.5 * lam * theta @ theta + 0.5 * theta.size * math.log(lam) - 0.5 * np.log(G + lam).sum()
+
+
+def check_evidence(fn):
+    """fn(log_lik, lam, theta, G) against minilae.laplace.log_marginal_likelihood for three lambdas."""
+    from minilae.laplace import log_marginal_likelihood  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    theta, G = rng.standard_normal(50), rng.exponential(size=50) * 10
+    for lam in (0.1, 1.0, 30.0):
+        want = log_marginal_likelihood(math.log(lam), asarray(theta), asarray(G), -123.0)
+        got = float(fn(-123.0, lam, theta, G))
+        assert abs(got - want) < 1e-10 * abs(want), (lam, got, want)
+
+
+def marginal_variances(Lambda):
+    """diag(Lambda^-1) from a Cholesky factor Lambda = L L^T: (Lambda^-1)_ii = sum_k (L^-1)_ki^2."""
+    L_inv = np.linalg.inv(np.linalg.cholesky(Lambda))
+    return (L_inv ** 2).sum(axis=0)
+
+
+def check_marginal_variances(fn):
+    """fn(Lambda) == diag(inv(Lambda)) on a random SPD matrix with strong correlations."""
+    rng = np.random.default_rng(1)
+    A = rng.standard_normal((12, 12))
+    Lambda = A @ A.T + 0.1 * np.eye(12)
+    got = np.asarray(fn(Lambda))
+    want = np.diag(np.linalg.inv(Lambda))
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-8, atol=0), (got, want)
+
+
+def online_precision(H0, G, alpha, t):
+    """H_t of H_{t+1} = (1 - alpha) H_t + G for a fixed G: (1 - alpha)^t H_0 + (1 - (1 - alpha)^t) G / alpha."""
+    decay = (1 - alpha) ** t
+    return decay * H0 + (1 - decay) * G / alpha
+
+
+def check_online_precision(fn):
+    """fn(H0, G, alpha, t) against t steps of the recursion, for a few alphas and t."""
+    rng = np.random.default_rng(2)
+    H0, G = rng.exponential(size=7), rng.exponential(size=7)
+    for alpha in (0.5, 0.05, 1e-3):
+        H = H0.copy()
+        for t in range(1, 201):
+            H = (1 - alpha) * H + G
+            if t in (1, 10, 200):
+                assert np.allclose(fn(H0, G, alpha, t), H, rtol=1e-10), (alpha, t)
+
+
+# ----------------------------------------------------------------------------------------------
+# 03: Hessian, GGN, Fisher
+
+def ggn_from_jacobians(J, H_out):
+    """G = sum_n J_n^T H_out,n J_n for J (B, d, P), H_out (B, d, d)."""
+    return np.einsum("bdp,bde,beq->pq", J, H_out, J)
+
+
+def check_ggn(fn):
+    """fn(J, H_out) against minilae.curvature.ggn on a small tanh net with a Bernoulli likelihood."""
+    from minilae import curvature  # noqa: PLC0415
+    from minilae.layers import Linear, Sequential, Tanh  # noqa: PLC0415
+    from minilae.losses import Bernoulli  # noqa: PLC0415
+
+    rng = np.random.default_rng(3)
+    net = Sequential(Linear(3, 5, rng=rng), Tanh(), Linear(5, 4, rng=rng))
+    x = asarray(rng.standard_normal((6, 3)))
+    f = net.forward(x)
+    got = np.asarray(fn(to_numpy(net.jac_params(x)), to_numpy(Bernoulli().hess(f))))
+    want = to_numpy(curvature.ggn(net, Bernoulli(), x))
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-10, atol=1e-14), "not sum_n J^T H J"
+
+
+def bernoulli_fisher(f):
+    """E_y[r r^T] per example for logits f (B, d): pixels independent, r_i = p_i - y_i, y_i in {0, 1}."""
+    p = 1 / (1 + np.exp(-f))
+    mean_r = p * (p - 1) + (1 - p) * p                         # E[r_i] = 0, written out
+    second = p * (p - 1) ** 2 + (1 - p) * p ** 2               # E[r_i^2]
+    out = mean_r[:, :, None] * mean_r[:, None, :]
+    idx = np.arange(f.shape[1])
+    out[:, idx, idx] = second
+    return out
+
+
+def check_bernoulli_fisher(fn):
+    """fn(f) against minilae.curvature.output_fisher (quadrature over y) for Bernoulli logits."""
+    from minilae.curvature import output_fisher  # noqa: PLC0415
+    from minilae.losses import Bernoulli  # noqa: PLC0415
+
+    f = 2 * np.random.default_rng(4).standard_normal((5, 3))
+    got = np.asarray(fn(f))
+    want = to_numpy(output_fisher(Bernoulli(), asarray(f)))
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-10, atol=1e-14), "not E_y[r r^T]"
+
+
+def kl_gaussian(mu0, s0, mu, s):
+    """KL(N(mu0, e^s0) || N(mu, e^s)) = 1/2 [s - s0 + (e^s0 + (mu0 - mu)^2) e^-s - 1], element-wise."""
+    return 0.5 * (s - s0 + (np.exp(s0) + (mu0 - mu) ** 2) * np.exp(-s) - 1)
+
+
+def check_kl(fn):
+    """fn against quadrature of p0 log(p0 / p) on a fine grid, for a few pairs of Gaussians."""
+    rng = np.random.default_rng(5)
+    mu0, s0, mu, s = rng.standard_normal(4), rng.uniform(-1, 1, 4), rng.standard_normal(4), rng.uniform(-1, 1, 4)
+    y = np.linspace(-15, 15, 200001)[:, None]
+    dy = y[1, 0] - y[0, 0]
+
+    def log_normal(y, m, logvar):
+        return -0.5 * (np.log(2 * np.pi) + logvar + (y - m) ** 2 * np.exp(-logvar))
+
+    p0 = np.exp(log_normal(y, mu0, s0))
+    want = (p0 * (log_normal(y, mu0, s0) - log_normal(y, mu, s))).sum(axis=0) * dy
+    got = np.asarray(fn(mu0, s0, mu, s))
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-7, atol=1e-10), (got, want)
