@@ -161,3 +161,46 @@ def check_kl(fn):
     want = (p0 * (log_normal(y, mu0, s0) - log_normal(y, mu, s))).sum(axis=0) * dy
     got = np.asarray(fn(mu0, s0, mu, s))
     assert got.shape == want.shape and np.allclose(got, want, rtol=1e-7, atol=1e-10), (got, want)
+
+
+# ----------------------------------------------------------------------------------------------
+# 02: backpropagating the Hessian
+
+def linear_ggn_diagonal(M, x):
+    """diag(sum_b J_p^T M_b J_p) of y = W x + b: (M_b,oo x_b,i^2 over b, flattened like W; then sum_b M_b,oo)."""
+    m = np.einsum("boo->bo", M)
+    return np.concatenate([np.einsum("bo,bi->oi", m, x ** 2).ravel(), m.sum(axis=0)])
+
+
+def check_linear_ggn_diagonal(fn):
+    """fn(M, x) against the diagonal of the dense sum_b J_p^T M_b J_p from Linear.jac_params."""
+    from minilae.layers import Linear  # noqa: PLC0415
+
+    rng = np.random.default_rng(6)
+    layer = Linear(4, 3, rng=rng)
+    x = rng.standard_normal((5, 4))
+    A = rng.standard_normal((5, 3, 3))
+    M = A @ A.transpose(0, 2, 1)                               # a full PSD M per sample
+    J = to_numpy(layer.jac_params(asarray(x)))
+    want = np.einsum("bop,boq,bqp->p", J, M, J)
+    got = np.asarray(fn(M, x))
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-10, atol=1e-14), "not diag(J^T M J)"
+
+
+def squared_kernel_backprop(T, m):
+    """m_in = (T * T)^T m per sample, for the convolution matrix T (d_out, d_in) and m (B, d_out)."""
+    return m @ (T * T)
+
+
+def check_squared_kernel_backprop(fn):
+    """fn(T, m) against Conv2d.backprop_diag, the transposed convolution with the squared kernel."""
+    from minilae.layers import Conv2d  # noqa: PLC0415
+
+    rng = np.random.default_rng(7)
+    conv = Conv2d(2, 3, 3, stride=2, padding=1, rng=rng)
+    x = asarray(rng.standard_normal((2, 2, 6, 6)))
+    conv(x)
+    m = rng.random((2,) + conv.out_shape((2, 6, 6)))
+    want = to_numpy(conv.backprop_diag(asarray(m))).reshape(2, -1)
+    got = np.asarray(fn(to_numpy(conv.conv_matrix((2, 6, 6))), m.reshape(2, -1)))
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-10, atol=1e-14), "not (T * T)^T m"
