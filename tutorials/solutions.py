@@ -204,3 +204,67 @@ def check_squared_kernel_backprop(fn):
     want = to_numpy(conv.backprop_diag(asarray(m))).reshape(2, -1)
     got = np.asarray(fn(to_numpy(conv.conv_matrix((2, 6, 6))), m.reshape(2, -1)))
     assert got.shape == want.shape and np.allclose(got, want, rtol=1e-10, atol=1e-14), "not (T * T)^T m"
+
+
+# ----------------------------------------------------------------------------------------------
+# 01: layers and Jacobians
+
+def upsample_jacobian(C, H, W, s):
+    """J_x of nearest up-sampling by s: I_C kron (U_H kron U_W), U_n = I_n kron 1_s (each output copies one input)."""
+    def up(n):
+        return np.kron(np.eye(n), np.ones((s, 1)))
+    return np.kron(np.eye(C), np.kron(up(H), up(W)))
+
+
+def check_upsample_jacobian(fn):
+    """fn(C, H, W, s) against Upsample(s).jac_input for one sample."""
+    from minilae.layers import Upsample  # noqa: PLC0415
+
+    for C, H, W, s in ((2, 3, 2, 2), (1, 2, 4, 3)):
+        x = asarray(np.random.default_rng(8).standard_normal((1, C, H, W)))
+        want = to_numpy(Upsample(s).jac_input(x))[0]
+        got = np.asarray(fn(C, H, W, s))
+        assert got.shape == want.shape and np.array_equal(got, want), (C, H, W, s)
+
+
+def maxpool_jacobian(x, k):
+    """J_x of k x k max-pooling for one sample x (C, H, W): row (c, h, w) has a single 1 at its window's arg-max."""
+    C, H, W = x.shape
+    Ho, Wo = H // k, W // k
+    windows = x[:, :Ho * k, :Wo * k].reshape(C, Ho, k, Wo, k).transpose(0, 1, 3, 2, 4).reshape(C, Ho, Wo, k * k)
+    best = windows.argmax(axis=-1)
+    c, h, w = np.meshgrid(np.arange(C), np.arange(Ho), np.arange(Wo), indexing="ij")
+    rows = (c * Ho + h) * Wo + w
+    cols = (c * H + h * k + best // k) * W + w * k + best % k
+    J = np.zeros((C * Ho * Wo, C * H * W))
+    J[rows.ravel(), cols.ravel()] = 1.0
+    return J
+
+
+def check_maxpool_jacobian(fn):
+    """fn(x, k) against MaxPool2d(k).jac_input for one sample (random input: no ties)."""
+    from minilae.layers import MaxPool2d  # noqa: PLC0415
+
+    for shape, k in (((2, 4, 4), 2), ((1, 6, 6), 3)):
+        x = np.random.default_rng(9).standard_normal(shape)
+        want = to_numpy(MaxPool2d(k).jac_input(asarray(x[None])))[0]
+        got = np.asarray(fn(x, k))
+        assert got.shape == want.shape and np.array_equal(got, want), (shape, k)
+
+
+def linear_vjp_params(x, v):
+    """J_theta^T v of y = W x + b summed over the batch: (vec(sum_b v_b x_b^T), sum_b v_b)."""
+    return np.concatenate([(v.T @ x).ravel(), v.sum(axis=0)])
+
+
+def check_linear_vjp_params(fn):
+    """fn(x, v) against Linear.vjp_params after a forward at x."""
+    from minilae.layers import Linear  # noqa: PLC0415
+
+    rng = np.random.default_rng(10)
+    layer = Linear(4, 3, rng=rng)
+    x, v = rng.standard_normal((5, 4)), rng.standard_normal((5, 3))
+    layer.forward(asarray(x))
+    want = to_numpy(layer.vjp_params(asarray(v)))
+    got = np.asarray(fn(x, v))
+    assert got.shape == want.shape and np.allclose(got, want, rtol=1e-12, atol=1e-14), "not (v x^T, v)"
