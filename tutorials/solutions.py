@@ -268,3 +268,47 @@ def check_linear_vjp_params(fn):
     want = to_numpy(layer.vjp_params(asarray(v)))
     got = np.asarray(fn(x, v))
     assert got.shape == want.shape and np.allclose(got, want, rtol=1e-12, atol=1e-14), "not (v x^T, v)"
+
+
+# ----------------------------------------------------------------------------------------------
+# 05: uncertainty in use
+
+def auroc_by_pairs(labels, scores):
+    """P(score of a positive > score of a negative), ties counting 1/2, over all n1 n0 pairs."""
+    labels, scores = np.asarray(labels).astype(bool), np.asarray(scores, dtype=float)
+    pos, neg = scores[labels][:, None], scores[~labels][None, :]
+    return float(np.mean(pos > neg) + 0.5 * np.mean(pos == neg))
+
+
+def check_auroc(fn):
+    """fn(labels, scores) against minilae.experiments.metrics.auroc on tied and untied scores."""
+    from minilae.experiments.metrics import auroc  # noqa: PLC0415
+
+    rng = np.random.default_rng(11)
+    labels = rng.integers(0, 2, 200)
+    for scores in (rng.integers(0, 4, 200) + labels, rng.standard_normal(200) + labels):
+        assert abs(fn(labels, scores) - auroc(labels, scores)) < 1e-12
+
+
+def ece(probs, labels, n_bins=15):
+    """sum_b n_b / N |acc_b - conf_b| over n_bins equal-width bins of the confidence max_c p_c."""
+    conf = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    bins = np.minimum((conf * n_bins).astype(int), n_bins - 1)
+    total = 0.0
+    for b in np.unique(bins):          # a loop over at most n_bins bins, not over data
+        inside = bins == b
+        total += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    return total
+
+
+def check_ece(fn):
+    """fn(probs, labels) against minilae.experiments.metrics.calibration(...)['ece']."""
+    from minilae.experiments.metrics import calibration  # noqa: PLC0415
+
+    rng = np.random.default_rng(12)
+    probs = rng.dirichlet(np.ones(10) * 0.5, size=500)
+    # under-confident where the confidence is low (always right), over-confident elsewhere (random labels), so
+    # that the gaps of the bins have both signs and only a per-bin |acc - conf| gets the ECE
+    labels = np.where(probs.max(axis=1) < 0.5, probs.argmax(axis=1), rng.integers(0, 10, 500))
+    assert abs(fn(probs, labels) - calibration(probs, labels)["ece"]) < 1e-12
