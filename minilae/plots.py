@@ -5,7 +5,7 @@
   space. Where no data were seen the decoder should be uncertain.
 * :func:`plot_reconstructions` - Fig. 8: for a few images, the input, the mean reconstruction and
   its variance, one row each; several groups (e.g. in- and out-of-distribution) share one colour
-  scale for the variance so they can be compared by eye.
+  scale for the variance so they can be compared by eye (no variance row for a deterministic model).
 
 Figures are drawn on a matplotlib ``Figure`` with the Agg canvas directly, so nothing here touches
 pyplot's global state or needs a display.
@@ -16,9 +16,10 @@ from pathlib import Path
 
 import numpy as np  # plotting works on host arrays
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 
-__all__ = ["latent_grid", "plot_latent_variance", "plot_reconstructions"]
+__all__ = ["latent_grid", "plot_latent_variance", "plot_reconstructions", "reconstruction_figure"]
 
 
 def latent_grid(z, n=40, margin=0.1):
@@ -67,26 +68,41 @@ def plot_latent_variance(z, labels, xs, ys, variance, path, title="Latent codes 
     return _save(fig, path)
 
 
-def plot_reconstructions(groups, path, n=8, title="Inputs, mean and variance of reconstructions"):
-    """Fig. 8: groups = [(name, x, x_mean, x_var), ...] of image arrays (N, 1, H, W); n columns each."""
+def plot_reconstructions(groups, path, n=8, title="Inputs, mean and variance of reconstructions", log_scale=False):
+    """Fig. 8: groups = [(name, x, x_mean, x_var), ...] of image arrays (N, 1, H, W); n columns each.
+
+    x_var None: a group without predictive variance (a deterministic autoencoder) - its variance row is left
+    out rather than drawn as zeros on a colour scale that would claim a range it does not have.
+    """
+    return _save(reconstruction_figure(groups, n, title, log_scale), path)
+
+
+def reconstruction_figure(groups, n=8, title="Inputs, mean and variance of reconstructions", log_scale=False):
+    """The Figure of plot_reconstructions: rows input / mean / variance per group (no variance row if x_var is None),
+    the variance rows on one colour scale with a colour bar (log_scale: logarithmic, over 4 decades below the max)."""
     if not groups:
         raise ValueError("plot_reconstructions needs at least one group")
     n = min(n, *(len(g[1]) for g in groups))
-    vmax = max(float(np.asarray(g[3])[:n].max()) for g in groups) or 1.0
-    rows = 3 * len(groups)
-    fig = Figure(figsize=(1.1 * n + 1.6, 1.15 * rows))
-    axes = fig.subplots(rows, n, squeeze=False)
-    for gi, (name, x, x_mean, x_var) in enumerate(groups):
-        for ri, (what, images, kw) in enumerate((
-                ("input", x, dict(cmap="gray", vmin=0, vmax=1)),
-                ("mean", x_mean, dict(cmap="gray", vmin=0, vmax=1)),
-                ("variance", x_var, dict(cmap="viridis", vmin=0, vmax=vmax)))):
-            images = np.asarray(images)[:n]
-            for j in range(n):
-                ax = axes[3 * gi + ri, j]
-                ax.imshow(images[j].reshape(images.shape[-2:]), **kw)
-                ax.set_xticks([])
-                ax.set_yticks([])
-            axes[3 * gi + ri, 0].set_ylabel(f"{name}\n{what}", fontsize=8)
-    fig.suptitle(f"{title} (variance scale 0 to {vmax:.3g})", fontsize=9)
-    return _save(fig, path)
+    variances = [np.asarray(g[3])[:n] for g in groups if g[3] is not None]
+    vmax = max((float(v.max()) for v in variances), default=0.0) or 1.0
+    scale = LogNorm(vmin=1e-4 * vmax, vmax=vmax, clip=True) if log_scale else Normalize(vmin=0, vmax=vmax)
+    rows = [(name, what, np.asarray(images)[:n], kw) for name, x, x_mean, x_var in groups
+            for what, images, kw in (("input", x, dict(cmap="gray", vmin=0, vmax=1)),
+                                     ("mean", x_mean, dict(cmap="gray", vmin=0, vmax=1)),
+                                     ("variance", x_var, dict(cmap="viridis", norm=scale)))
+            if images is not None]
+    fig = Figure(figsize=(1.1 * n + 1.6, 1.15 * len(rows)))
+    axes = fig.subplots(len(rows), n, squeeze=False)
+    for ri, (name, what, images, kw) in enumerate(rows):
+        for j in range(n):
+            ax = axes[ri, j]
+            image = ax.imshow(images[j].reshape(images.shape[-2:]), **kw)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[ri, 0].set_ylabel(f"{name}\n{what}", fontsize=8)
+        if what == "variance":
+            fig.colorbar(image, ax=list(axes[ri]), fraction=0.02, pad=0.01, label="variance")
+    said = (("log " if log_scale else "") + f"variance scale {scale.vmin:.3g} to {vmax:.3g}" if variances
+            else "no predictive variance: a deterministic model")
+    fig.suptitle(f"{title} ({said})", fontsize=9)
+    return fig

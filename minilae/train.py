@@ -497,9 +497,12 @@ def evaluate(predictor, x, n_samples, seed):
 
 def _figures(out, config, predictor, val, ood, val_labels, log):
     files = []
-    groups = [(config["dataset"], val[0], to_numpy(val[1].x_mean), to_numpy(val[1].x_var))]
-    if ood is not None:
-        groups.append((ood[2], ood[0], to_numpy(ood[1].x_mean), to_numpy(ood[1].x_var)))
+    has_variance = predictor.stochastic or predictor.decoder_variance  # ae: x_var is 0, so no variance row
+
+    def group(name, x, pred):
+        return name, x, to_numpy(pred.x_mean), to_numpy(pred.x_var) if has_variance else None
+
+    groups = [group(config["dataset"], val[0], val[1])] + ([group(ood[2], ood[0], ood[1])] if ood is not None else [])
     from .plots import latent_grid, plot_latent_variance, plot_reconstructions  # noqa: PLC0415 - matplotlib
 
     files.append(plot_reconstructions(groups, out / "reconstructions.png",

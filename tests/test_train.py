@@ -106,8 +106,17 @@ def test_impossible_flag_combinations(args, message, capsys):
 @pytest.mark.parametrize("method", ["online", "posthoc", "ae"])
 def test_end_to_end_on_mnist(method, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MINILAE_DATA", data_root())
+    from minilae import plots  # noqa: PLC0415
+    real, variance_given = plots.plot_reconstructions, []
+
+    def spy(groups, path, **kw):  # ae: its x_var is 0, and Fig. 8 must not draw it on a 0-to-1 scale
+        variance_given.extend(g[3] is not None for g in groups)
+        return real(groups, path, **kw)
+
+    monkeypatch.setattr(plots, "plot_reconstructions", spy)
     out = tmp_path / method
     assert train.main(["--method", method, *QUICK, "--out", str(out)]) == 0
+    assert variance_given == [method != "ae"] * 2
     printed = capsys.readouterr().out
     assert f"results written to {out}" in printed
     metrics = json.loads((out / "metrics.json").read_text())
