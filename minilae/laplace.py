@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 
 from .backend import array_module
-from .validation import positive, positive_int
+from .validation import all_finite, positive, positive_int
 
 __all__ = ["DiagonalLaplace", "log_marginal_likelihood", "log_marginal_likelihood_grad",
            "optimize_prior_precision", "in_dtype", "check_rng"]
@@ -49,6 +49,8 @@ def _check_mean_and_ggn(mean, ggn):
         raise TypeError("mean and ggn live on different backends; move one with minilae.backend.asarray")
     xp = array_module(mean)
     for name, a in (("mean", mean), ("ggn", ggn)):
+        if all_finite(a):
+            continue
         bad = ~xp.isfinite(a)
         if bool(bad.any()):
             raise ValueError(f"{name} has {int(bad.sum())} non-finite entries (nan/inf)")
@@ -130,7 +132,9 @@ class DiagonalLaplace:
         n_samples = positive_int(n_samples, "n_samples")
         check_rng(rng)
         eps = rng.standard_normal((n_samples, self.num_params), dtype=self.mean.dtype)
-        return self.mean + eps * self.std
+        eps *= self.std  # in place: P-long temporaries dominate an online step of a large model
+        eps += self.mean
+        return eps
 
     def log_density(self, theta):
         """log q(theta) = -1/2 sum Lambda (theta - mean)^2 + 1/2 sum log Lambda - P/2 log 2 pi.

@@ -134,13 +134,15 @@ class OnlineLaplace:
         G = ggn_diagonal(self.model, self.likelihood, x, x, method=self.hessian, threshold=self.threshold, f=f)
         check_finite("the batch GGN", G, self.t + 1)
         xp = array_module(G)
-        # a PSD matrix has a nonnegative diagonal; allow round-off only
-        tolerance = 1e-6 * float(xp.abs(G).max()) if G.size else 0.0
-        if G.size and float(G.min()) < -tolerance:
+        # a PSD matrix has a nonnegative diagonal; allow round-off only (relative to the largest |entry|)
+        low, high = (float(G.min()), float(G.max())) if G.size else (0.0, 0.0)
+        if low < -1e-6 * max(high, -low):
             raise TrainingDivergedError(
-                f"at step {self.t + 1} the batch GGN has a negative diagonal entry ({float(G.min()):.3e}) "
+                f"at step {self.t + 1} the batch GGN has a negative diagonal entry ({low:.3e}) "
                 "beyond round-off: the Hessian engine returned a non-PSD matrix")
-        return xp.maximum(G, 0) * (self.n_data / (x.shape[0] if n_batch is None else n_batch))
+        G = xp.maximum(G, 0, out=G)  # G is the engine's fresh array: clip and scale it in place
+        G *= self.n_data / (x.shape[0] if n_batch is None else n_batch)
+        return G
 
     def _initial_precision(self, x):
         """H_0 = (N / B) G_0 / alpha: the stationary value of eq. 11 for the first batch, at the initial mean."""

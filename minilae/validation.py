@@ -1,7 +1,9 @@
-"""Argument checks shared by the optimisers and the posterior."""
+"""Argument checks shared by the optimisers, the posterior and the trainers."""
 from __future__ import annotations
 
 import math
+
+from .backend import array_module
 
 
 def positive(value, name):
@@ -20,3 +22,10 @@ def positive_int(value, name):
     if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+def all_finite(a) -> bool:
+    """Every entry of a is finite: a finite sum proves it (nan and inf propagate through a sum) in one pass with no
+    temporary; only a non-finite sum (or an overflow of finite entries) pays for the element-wise test."""
+    xp = array_module(a)
+    return bool(xp.isfinite(a.sum())) or bool(xp.isfinite(a).all())
