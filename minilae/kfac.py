@@ -37,7 +37,7 @@ import math
 from dataclasses import dataclass
 
 from .backend import array_module, asarray, xp
-from .laplace import check_rng, in_dtype, log_marginal_likelihood, optimize_prior_precision
+from .laplace import GaussianPosterior, check_mean, check_rng, log_marginal_likelihood, optimize_prior_precision
 from .validation import positive, positive_int
 
 __all__ = ["KronBlock", "KroneckerLaplace", "kron_order", "kron_matvec", "kron_diagonal", "KFAC_METHODS"]
@@ -119,15 +119,13 @@ def _eigh_psd(S):
     return xp_.maximum(lam, 0), U
 
 
-class KroneckerLaplace:
+class KroneckerLaplace(GaussianPosterior):
     """q(theta) = N(mean, Lambda^-1), Lambda = blockdiag(kron(G_l, A_l) / n_l) + lambda I (see the module)."""
 
     structure = "kfac"
 
     def __init__(self, mean, blocks, prior_precision=1.0):
-        if not (hasattr(mean, "ndim") and mean.ndim == 1 and mean.dtype.kind == "f"):
-            raise TypeError(f"mean must be the flat parameter vector, a 1-D floating array; got "
-                            f"{getattr(mean, 'dtype', type(mean).__name__)} of shape {getattr(mean, 'shape', None)}")
+        check_mean(mean)
         self.mean, self.blocks = mean, list(blocks)
         self._check_cover()
         self._eig = []
@@ -150,23 +148,9 @@ class KroneckerLaplace:
         if start != self.num_params:
             raise ValueError(f"the Kronecker blocks cover {start} parameters, the mean has {self.num_params}")
 
-    @property
-    def prior_precision(self) -> float:
-        """lambda, rounded to the working dtype (as DiagonalLaplace)."""
-        return self._prior_precision
-
-    @prior_precision.setter
-    def prior_precision(self, value):
-        self._prior_precision = in_dtype(value, self.mean)
-
     def __repr__(self):
         return f"KroneckerLaplace(P={self.num_params}, layers={len(self.blocks)}, " \
                f"prior_precision={self.prior_precision:.4g})"
-
-    @property
-    def num_params(self) -> int:
-        """P, the length of the flat parameter vector."""
-        return int(self.mean.shape[0])
 
     # ---- the flat vector <-> per-layer matrices W~ ------------------------------------------------
     def _orders(self):

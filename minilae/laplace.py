@@ -38,11 +38,16 @@ from .validation import all_finite, positive, positive_int
 __all__ = ["DiagonalLaplace", "log_marginal_likelihood", "log_marginal_likelihood_grad",
            "optimize_prior_precision", "in_dtype", "check_rng"]
 
-def _check_mean_and_ggn(mean, ggn):
-    """mean: 1-D finite float vector; ggn: same shape, finite, >= 0."""
+def check_mean(mean):
+    """mean: the flat parameter vector, a 1-D floating array (TypeError otherwise)."""
     if not (hasattr(mean, "ndim") and mean.ndim == 1 and mean.dtype.kind == "f"):
         raise TypeError("mean must be the flat parameter vector, a 1-D floating array; got "
                         f"{getattr(mean, 'dtype', type(mean).__name__)} of shape {getattr(mean, 'shape', None)}")
+
+
+def _check_mean_and_ggn(mean, ggn):
+    """mean: 1-D finite float vector; ggn: same shape, finite, >= 0."""
+    check_mean(mean)
     if getattr(ggn, "shape", None) != mean.shape:
         raise ValueError(f"ggn must have the mean's shape {mean.shape}, got {getattr(ggn, 'shape', None)}")
     if array_module(mean) is not array_module(ggn):
@@ -82,14 +87,9 @@ def in_dtype(value, like, name="prior_precision"):
     return rounded
 
 
-class DiagonalLaplace:
-    """q(theta) = N(theta | mean, diag(precision)^-1) with precision = ggn + prior_precision."""
-
-    def __init__(self, mean, ggn, prior_precision=1.0):
-        _check_mean_and_ggn(mean, ggn)
-        self.mean = mean
-        self.ggn = ggn
-        self.prior_precision = prior_precision
+class GaussianPosterior:
+    """What every Laplace posterior q(theta) = N(mean, Lambda^-1), Lambda = GGN + lambda I, shares: the mean
+    and the prior precision lambda (the structure of the GGN is the subclass's)."""
 
     @property
     def prior_precision(self) -> float:
@@ -100,13 +100,23 @@ class DiagonalLaplace:
     def prior_precision(self, value):
         self._prior_precision = in_dtype(value, self.mean)
 
-    def __repr__(self):
-        return f"DiagonalLaplace(P={self.num_params}, prior_precision={self.prior_precision:.4g})"
-
     @property
     def num_params(self) -> int:
         """P, the length of the flat parameter vector."""
         return int(self.mean.shape[0])
+
+
+class DiagonalLaplace(GaussianPosterior):
+    """q(theta) = N(theta | mean, diag(precision)^-1) with precision = ggn + prior_precision."""
+
+    def __init__(self, mean, ggn, prior_precision=1.0):
+        _check_mean_and_ggn(mean, ggn)
+        self.mean = mean
+        self.ggn = ggn
+        self.prior_precision = prior_precision
+
+    def __repr__(self):
+        return f"DiagonalLaplace(P={self.num_params}, prior_precision={self.prior_precision:.4g})"
 
     @property
     def precision(self):

@@ -42,51 +42,53 @@ def dataset_ggn(model, x, likelihood=None, method="approx", threshold=None, batc
     (:mod:`minilae.distributed`): each rank sums over its contiguous shard of x, then G and log p are
     summed over the ranks.
     """
-    likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
-    dtype = model.get_params().dtype
-    G, log_lik = None, 0.0
+    def batch_ggn(lik, xb, f, i):
+        G_b = ggn_diagonal(model, lik, xb, xb, method=method, threshold=threshold, f=f)
+        check_finite(f"the GGN of batch {i}", G_b, i)
+        return G_b
+
+    G, log_lik = _sum_over_shard(model, x, likelihood, batch_size, progress, "GGN over the training set", batch_ggn)
     comm = distributed.current()
-    x = x[comm.shard(len(x))]
-    for i, xb in enumerate(_batches(x, batch_size, progress, "GGN over the training set")):
-        xb = asarray(xb, dtype=dtype)
-        f = model.forward(xb)
-        log_lik -= float(likelihood.nll(f, xb).sum())
-        G_b = ggn_diagonal(model, likelihood, xb, xb, method=method, threshold=threshold, f=f)
-        check_finite(f"the GGN of batch {i + 1}", G_b, i + 1)
-        G = G_b if G is None else G + G_b
     return comm.allreduce_sum(G), comm.allreduce_sum(log_lik)
 
 
 def dataset_kfac(model, x, likelihood=None, method="kfac", batch_size=256, progress=False):
     """([KronBlock] with A, G and n summed over all images, log p(D | theta)), batch by batch as dataset_ggn
     (data parallel too: each rank sums its shard, then A, G, n and log p are summed over the ranks)."""
-    likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
-    dtype = model.get_params().dtype
-    blocks, log_lik = None, 0.0
+    def batch_factors(lik, xb, f, i):
+        blocks = ggn_kfac(model, lik, xb, xb, method=method, f=f)
+        for blk in blocks:
+            check_finite(f"the KFAC factor G of batch {i}", blk.G, i)
+            check_finite(f"the KFAC factor A of batch {i}", blk.A, i)
+        return blocks
+
+    blocks, log_lik = _sum_over_shard(model, x, likelihood, batch_size, progress, "KFAC factors over the training set",
+                                      batch_factors, add=lambda s, t: [a + b for a, b in zip(s, t, strict=True)])
     comm = distributed.current()
-    x = x[comm.shard(len(x))]
-    for i, xb in enumerate(_batches(x, batch_size, progress, "KFAC factors over the training set")):
-        xb = asarray(xb, dtype=dtype)
-        f = model.forward(xb)
-        log_lik -= float(likelihood.nll(f, xb).sum())
-        batch_blocks = ggn_kfac(model, likelihood, xb, xb, method=method, f=f)
-        for blk in batch_blocks:
-            check_finite(f"the KFAC factor G of batch {i + 1}", blk.G, i + 1)
-            check_finite(f"the KFAC factor A of batch {i + 1}", blk.A, i + 1)
-        blocks = batch_blocks if blocks is None else [a + b for a, b in zip(blocks, batch_blocks)]
     blocks = [KronBlock(comm.allreduce_sum(b.A), comm.allreduce_sum(b.G), comm.allreduce_sum(b.n), b.offset, b.bias)
               for b in blocks]
     return blocks, comm.allreduce_sum(log_lik)
 
 
-def _batches(x, batch_size, progress, desc):
-    """The batches of x in order, under a progress bar when asked and stderr is a terminal."""
+def _sum_over_shard(model, x, likelihood, batch_size, progress, desc, curvature, add=lambda s, t: s + t):
+    """(sum_batches curvature(likelihood, xb, f, i), log p(shard | theta)) over this rank's shard of x, one forward
+    per batch serving both; i counts the batches from 1 (for the messages)."""
+    likelihood = get_likelihood(likelihood) if likelihood is not None else Gaussian(1.0)
+    dtype = model.get_params().dtype
+    x = x[distributed.current().shard(len(x))]
     it = batches(x, batch_size, shuffle=False)
     if progress and sys.stderr.isatty():
         from tqdm import tqdm  # noqa: PLC0415
 
         it = tqdm(it, total=n_batches(len(x), batch_size), desc=desc, leave=False)
-    return it
+    total, log_lik = None, 0.0
+    for i, xb in enumerate(it, start=1):
+        xb = asarray(xb, dtype=dtype)
+        f = model.forward(xb)
+        log_lik -= float(likelihood.nll(f, xb).sum())
+        term = curvature(likelihood, xb, f, i)
+        total = term if total is None else add(total, term)
+    return total, log_lik
 
 
 def fit_posthoc(model, x_train, likelihood=None, method="approx", threshold=None, batch_size=256,
