@@ -322,7 +322,8 @@ def run_ranks(args, ranks=2, timeout=180, **kw):
 
 
 COMM_SCRIPT = textwrap.dedent("""
-    import json, numpy as np
+    import json, sys, numpy as np
+    from pathlib import Path
     from minilae import backend, distributed
     comm = distributed.init("mpi")
     host = np.full(3, comm.rank + 1.0)
@@ -335,7 +336,8 @@ COMM_SCRIPT = textwrap.dedent("""
     except distributed.DistributedError as err:
         differs = str(err)
     comm.check_identical(np.arange(4.0), "theta")
-    print(json.dumps({"rank": comm.rank, "size": comm.size, "total": total.tolist(), "in_place": total is host,
+    # one file per rank: the ranks' stdout lines can interleave in mpiexec's output
+    Path(sys.argv[1], f"rank{comm.rank}.json").write_text(json.dumps({"rank": comm.rank, "size": comm.size, "total": total.tolist(), "in_place": total is host,
                       "guard": backend.to_numpy(guard).tolist(), "guard_type": type(guard).__module__,
                       "count": comm.allreduce_sum(comm.rank + 1), "mean": comm.mean({"v": comm.rank * 1.0}, comm.rank + 1),
                       "root": comm.broadcast(f"from {comm.rank}"), "differs": differs}))
@@ -344,12 +346,12 @@ COMM_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.slow
 @pytest.mark.backends("numpy")
-def test_the_mpi_communicator_on_two_ranks():
+def test_the_mpi_communicator_on_two_ranks(tmp_path):
     """Catches an MPI all-reduce that is not the sum (or not in place on host buffers), a backend array that
     comes back as a host array, a broadcast from the wrong rank and a divergence check that cannot fail."""
-    done = run_ranks(["-c", COMM_SCRIPT], timeout=60)
+    done = run_ranks(["-c", COMM_SCRIPT, str(tmp_path)], timeout=60)
     assert done.returncode == 0, done.stderr
-    out = sorted((json.loads(line) for line in done.stdout.splitlines()), key=lambda r: r["rank"])
+    out = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert [r["rank"] for r in out] == [0, 1]
     for r in out:
         assert r["size"] == 2 and r["total"] == [3.0] * 3 and r["in_place"] and r["count"] == 3
