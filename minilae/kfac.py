@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 from .backend import array_module, asarray, xp
 from .laplace import GaussianPosterior, check_mean, check_rng, log_marginal_likelihood, optimize_prior_precision
-from .validation import positive, positive_int
+from .validation import all_finite, positive, positive_int
 
 __all__ = ["KronBlock", "KroneckerLaplace", "kron_order", "kron_matvec", "kron_diagonal", "KFAC_METHODS"]
 
@@ -131,7 +131,7 @@ class KroneckerLaplace(GaussianPosterior):
         self._eig = []
         for blk in self.blocks:
             for name, S in (("A", blk.A), ("G", blk.G)):
-                if not bool(array_module(S).isfinite(S).all()):
+                if not all_finite(S):
                     raise ValueError(f"factor {name} of the layer at offset {blk.offset} has non-finite entries")
             (g, U_G), (a, U_A) = _eigh_psd(blk.G.astype(mean.dtype)), _eigh_psd(blk.A.astype(mean.dtype))
             self._eig.append((g[:, None] * a[None, :] * blk.scale, U_G, U_A))
