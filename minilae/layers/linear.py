@@ -41,7 +41,10 @@ class Linear(Layer):
 
     def _vjp_input(self, v):
         """J_in^T v = W^T v."""
-        return v @ self.weight
+        # as one (B K x out) @ (out x in) product: NumPy's stacked matmul of (B, 1, out) would run B vector
+        # products, each reading all of W (MLP AE, 784 x 512: 1.32 ms against 0.31 ms)
+        B, K = v.shape[:2]
+        return (v.reshape(B * K, self.out_features) @ self.weight).reshape(B, K, self.in_features)
 
     def _vjp_params(self, v):
         """J_p^T v = (v x^T, v) per sample, flattened."""
