@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 from .backend import array_module, asarray, xp
 from .laplace import GaussianPosterior, check_mean, check_rng, log_marginal_likelihood, optimize_prior_precision
+from .sampling import standard_normal
 from .validation import all_finite, positive, positive_int
 
 __all__ = ["KronBlock", "KroneckerLaplace", "kron_order", "kron_matvec", "kron_diagonal", "KFAC_METHODS"]
@@ -208,7 +209,7 @@ class KroneckerLaplace(GaussianPosterior):
         check_rng(rng)
         parts = []
         for (e, U_G, U_A), blk in zip(self._eig, self.blocks):
-            E = rng.standard_normal((n_samples,) + blk.shape, dtype=self.mean.dtype)
+            E = standard_normal(rng, (n_samples,) + blk.shape, self.mean.dtype)
             parts.append(U_G @ (E / array_module(e).sqrt(self._D(e))) @ U_A.T)
         return self.mean + self._join(parts, (n_samples,))
 

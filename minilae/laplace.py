@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 
 from .backend import array_module
+from .sampling import standard_normal
 from .validation import all_finite, positive, positive_int
 
 __all__ = ["DiagonalLaplace", "log_marginal_likelihood", "log_marginal_likelihood_grad",
@@ -133,16 +134,19 @@ class DiagonalLaplace(GaussianPosterior):
         """sigma = Lambda^(-1/2)."""
         return array_module(self.mean).sqrt(self.variance)
 
-    def sample(self, n_samples, rng):
+    def sample(self, n_samples, rng, out=None):
         """theta_k = mean + eps_k / sqrt(Lambda), eps_k ~ N(0, I): shape (n_samples, P).
 
         ``rng`` is a Generator of the backend the mean lives on (numpy.random.default_rng(...) or
-        its CuPy counterpart), so the noise is drawn where the parameters are.
+        its CuPy counterpart), so the noise is drawn where the parameters are (:mod:`minilae.sampling`);
+        ``out``, an (n_samples, P) array of the mean's dtype, receives the samples (a trainer reuses one).
         """
         n_samples = positive_int(n_samples, "n_samples")
         check_rng(rng)
-        eps = rng.standard_normal((n_samples, self.num_params), dtype=self.mean.dtype)
-        eps *= self.std  # in place: P-long temporaries dominate an online step of a large model
+        eps = standard_normal(rng, (n_samples, self.num_params), self.mean.dtype, out)
+        # in place, with one temporary: P-long passes dominate an online step of a large model
+        root = self.precision
+        eps /= array_module(root).sqrt(root, out=root)
         eps += self.mean
         return eps
 

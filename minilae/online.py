@@ -109,6 +109,7 @@ class OnlineLaplace:
         self.theta = model.get_params()
         self.H = None  # H_t, the data term of the precision; set from the first batch
         self.t = 0
+        self._thetas = None  # the step's samples theta_s, (n_samples, P), reused across steps
 
     def posterior(self):
         """q_t = N(theta_t, (H_t + lambda)^-1) as a DiagonalLaplace of copies: later steps leave it as it is."""
@@ -126,6 +127,12 @@ class OnlineLaplace:
         """(lambda / N) theta_t: the gradient of the prior's share lambda / (2N) ||theta_t||^2 of the objective."""
         return (self.prior_precision / self.n_data) * self.theta
 
+    def _add_prior_grad(self, grad):
+        """grad += prior_grad(), the product in the sample buffer (free once the sampled weights are used)."""
+        work = self._thetas[0]
+        array_module(grad).multiply(self.theta, self.prior_precision / self.n_data, out=work)
+        grad += work
+
     def batch_ggn(self, x, f, n_batch=None):
         """(N / B) G, G = diag sum_b J_b^T H_out J_b at the model's current parameters (last forward gave f).
 
@@ -133,14 +140,15 @@ class OnlineLaplace:
         the ranks' shards is the caller's all-reduce."""
         G = ggn_diagonal(self.model, self.likelihood, x, x, method=self.hessian, threshold=self.threshold, f=f)
         check_finite("the batch GGN", G, self.t + 1)
-        xp = array_module(G)
         # a PSD matrix has a nonnegative diagonal; allow round-off only (relative to the largest |entry|)
-        low, high = (float(G.min()), float(G.max())) if G.size else (0.0, 0.0)
-        if low < -1e-6 * max(high, -low):
-            raise TrainingDivergedError(
-                f"at step {self.t + 1} the batch GGN has a negative diagonal entry ({low:.3e}) "
-                "beyond round-off: the Hessian engine returned a non-PSD matrix")
-        G = xp.maximum(G, 0, out=G)  # G is the engine's fresh array: clip and scale it in place
+        low = float(G.min()) if G.size else 0.0
+        if low < 0:  # only then the second pass over G: the max, and the clip (G is the engine's fresh array)
+            high = float(G.max())
+            if low < -1e-6 * max(high, -low):
+                raise TrainingDivergedError(
+                    f"at step {self.t + 1} the batch GGN has a negative diagonal entry ({low:.3e}) "
+                    "beyond round-off: the Hessian engine returned a non-PSD matrix")
+            array_module(G).maximum(G, 0, out=G)
         G *= self.n_data / (x.shape[0] if n_batch is None else n_batch)
         return G
 
@@ -164,7 +172,10 @@ class OnlineLaplace:
             self.H = self._initial_precision(x)
         comm = distributed.current()
         B = comm.allreduce_sum(x.shape[0])
-        thetas = self._q(copy=False).sample(self.n_samples, rng)
+        # theta_s drawn into one array kept across steps: a fresh P-long array costs its page faults every step
+        if self._thetas is None or self._thetas.shape != (self.n_samples,) + self.theta.shape:
+            self._thetas = array_module(self.theta).empty((self.n_samples,) + self.theta.shape, self.theta.dtype)
+        thetas = self._q(copy=False).sample(self.n_samples, rng, out=self._thetas)
         grad = G = None
         stats = {}
         for theta_s in thetas:
@@ -181,9 +192,10 @@ class OnlineLaplace:
                 stats[k] = stats.get(k, 0.0) + v / self.n_samples
         grad = comm.allreduce_sum(grad)
         G = comm.allreduce_sum(G)
-        grad /= self.n_samples
-        grad += self.prior_grad()
-        G /= self.n_samples
+        if self.n_samples > 1:
+            grad /= self.n_samples
+            G /= self.n_samples
+        self._add_prior_grad(grad)
         self.optimizer.step(self.theta, grad)
         self.model.set_params(self.theta)
         # eq. 11, in place: H <- (1 - alpha) H + (N / B) G

@@ -34,6 +34,7 @@ import math
 
 from .. import backend
 from ..backend import array_module, get_default_dtype
+from ..validation import all_finite
 
 CHUNK_BYTES = 64 * 2**20
 """Largest temporary a chunked product may allocate (the M itself is budgeted separately)."""
@@ -87,7 +88,7 @@ class Layer:
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"{label(self)}: expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
-        if not bool(array_module(theta).isfinite(theta).all()):
+        if not all_finite(theta):
             raise ValueError(f"{label(self)}: parameter vector contains NaN or inf")
         if array_module(theta) is not backend.xp():
             raise TypeError(f"{label(self)}: theta lives on {array_module(theta).__name__} but the backend is "
@@ -95,7 +96,11 @@ class Layer:
         start = 0
         for name in self.param_names:
             p = getattr(self, name)
-            setattr(self, name, theta[start:start + p.size].reshape(p.shape).astype(p.dtype, copy=True))
+            new = theta[start:start + p.size].reshape(p.shape)
+            if getattr(p, "base", p) is None and p.flags.writeable:  # an array of the layer's own: write into it,
+                p[...] = new  # as a fresh array would cost its page faults at every step of a trainer
+            else:  # a view into another array is replaced, never written through
+                setattr(self, name, new.astype(p.dtype, copy=True))
             start += p.size
         self._stamp = next(_STAMPS)  # the caches were taken with the old parameters
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .. import backend
 from ..backend import array_module
+from ..validation import all_finite
 from .base import Layer, check_batch, identity_jacobian, label, prod
 
 
@@ -73,7 +74,7 @@ class Sequential(Layer):
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
-        if not bool(array_module(theta).isfinite(theta).all()):  # check before any layer is written
+        if not all_finite(theta):  # check before any layer is written
             raise ValueError("parameter vector contains NaN or inf")
         for layer, sl in zip(self.layers, self.param_slices()):
             if layer.num_params:
