@@ -179,7 +179,10 @@ class OnlineLaplace:
         grad = G = None
         stats = {}
         for theta_s in thetas:
-            self.model.set_params(theta_s)
+            # finite without a check: theta_t and H_t passed theirs at the end of the last step, so
+            # H_t + lambda >= lambda > 0 and theta_s = theta_t + eps / sqrt(H_t + lambda) (an overflow to inf
+            # would show in the reconstruction's check below)
+            self.model.set_params(theta_s, check_finite=False)
             f = self.model.forward(x)
             check_finite("the reconstruction at the sampled weights", f, self.t + 1)
             nll = self.likelihood.nll(f, x)
@@ -197,13 +200,13 @@ class OnlineLaplace:
             G /= self.n_samples
         self._add_prior_grad(grad)
         self.optimizer.step(self.theta, grad)
-        self.model.set_params(self.theta)
         # eq. 11, in place: H <- (1 - alpha) H + (N / B) G
         self.H *= 1 - self.alpha
         self.H += G
         self.t += 1
         check_finite("the parameters", self.theta, self.t)
         check_finite("the precision", self.H, self.t)
+        self.model.set_params(self.theta, check_finite=False)  # checked just above
         return stats
 
     def snapshot(self):

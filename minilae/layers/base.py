@@ -83,12 +83,13 @@ class Layer:
             return backend.xp().zeros(0, dtype=get_default_dtype())
         return backend.xp().concatenate([p.ravel() for p in self.params])
 
-    def set_params(self, theta):
-        """Write the flat vector theta into the parameter arrays (copies)."""
+    def set_params(self, theta, check_finite: bool = True):
+        """Write the flat vector theta into the parameter arrays (copies); check_finite=False for a caller that
+        has just checked theta (a P-long pass each)."""
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"{label(self)}: expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
-        if not all_finite(theta):
+        if check_finite and not all_finite(theta):
             raise ValueError(f"{label(self)}: parameter vector contains NaN or inf")
         if array_module(theta) is not backend.xp():
             raise TypeError(f"{label(self)}: theta lives on {array_module(theta).__name__} but the backend is "
@@ -173,15 +174,19 @@ class Layer:
         g = self._vjp_input(vk)
         return g[:, 0] if squeeze else g
 
-    def vjp_params(self, v, per_sample: bool = False):
-        """J_p^T v: summed over the batch -> (P,), or per sample -> (B, [K,] P)."""
+    def vjp_params(self, v, per_sample: bool = False, out=None):
+        """J_p^T v: summed over the batch -> (P,), or per sample -> (B, [K,] P).
+
+        out: a (P,) array that receives the batch sum (a chain hands each layer its slice of one flat vector)."""
         x = self._cached_input()
         vk, squeeze = as_bk(v, x.shape[0], self._out_shape_cached())
         if not per_sample:
             if not squeeze:
                 raise ValueError("a batch-summed parameter product takes v of shape (B, *out); "
                                  "pass per_sample=True for (B, K, *out)")
-            return self._vjp_params_sum(vk[:, 0])
+            return self._vjp_params_sum(vk[:, 0], out=check_out(self, out, v.dtype))
+        if out is not None:
+            raise ValueError("out receives the batch sum only; per_sample=True returns a new array")
         g = self._vjp_params(vk)
         return g[:, 0] if squeeze else g
 
@@ -196,9 +201,9 @@ class Layer:
         B, K = v.shape[:2]
         return backend.xp().zeros((B, K, 0), dtype=v.dtype)
 
-    def _vjp_params_sum(self, v):
-        """sum_b J_p(x_b)^T v_b for v of shape (B, *out) -> (P,)."""
-        return self._vjp_params(v[:, None]).sum(axis=(0, 1))
+    def _vjp_params_sum(self, v, out=None):
+        """sum_b J_p(x_b)^T v_b for v of shape (B, *out) -> (P,), into out when given."""
+        return into(out, self._vjp_params(v[:, None]).sum(axis=(0, 1)))
 
     def vjp_input_chunked(self, V):
         """J_in^T v for each of the K vectors in V (B, K, *out), in chunks of K so that the product's
@@ -285,11 +290,11 @@ class Layer:
         out = ((M @ J) * J).sum(axis=1)
         return out if per_sample else out.sum(axis=0)
 
-    def param_diag_from_diag(self, m, per_sample=False):
-        """diag(J_p^T diag(m) J_p) = (J_p * J_p)^T m for m (B, *out): (P,) or (B, P)."""
+    def param_diag_from_diag(self, m, per_sample=False, out=None):
+        """diag(J_p^T diag(m) J_p) = (J_p * J_p)^T m for m (B, *out): (P,) or (B, P); the sum into out if given."""
         J = self.param_rows(m.dtype)
-        out = (m.reshape(m.shape[0], 1, -1) @ (J * J))[:, 0]
-        return out if per_sample else out.sum(axis=0)
+        d = (m.reshape(m.shape[0], 1, -1) @ (J * J))[:, 0]
+        return d if per_sample else into(out, d.sum(axis=0))
 
     def param_diag_from_sqrt(self, V, per_sample=False):
         """diag(J_p^T V^T V J_p) = sum_k (J_p^T v_k)^2 for V (B, k, *out), in chunks of k: (P,) or (B, P)."""
@@ -347,6 +352,27 @@ def as_bk(v, batch: int, out_shape: tuple):
         return v, False
     raise ValueError(f"vector has shape {tuple(v.shape)}; expected (B={batch}, *{out_shape}) "
                      f"or (B={batch}, K, *{out_shape})")
+
+
+def check_out(layer, out, dtype):
+    """out, the (P,) array a batch-summed product writes into (None: a new one is made), checked."""
+    if out is not None and (tuple(out.shape) != (layer.num_params,) or out.dtype != dtype):
+        raise ValueError(f"{label(layer)}: out must be a ({layer.num_params},) array of {dtype}; "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+def flat_out(layer, out, dtype):
+    """The (P,) array to write a batch sum into: out, or a new one."""
+    return array_module(layer.params[0]).empty(layer.num_params, dtype=dtype) if out is None else out
+
+
+def into(out, value):
+    """value written into out (which is returned), or value itself when out is None."""
+    if out is None:
+        return value
+    out[...] = value
+    return out
 
 
 def check_batch(layer, x, check_finite: bool = True):

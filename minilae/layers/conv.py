@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .base import CHUNK_BYTES, Layer, gram_with_ones, init_uniform, prod
+from .base import CHUNK_BYTES, Layer, flat_out, gram_with_ones, init_uniform, prod
 
 
 def _pair(value, name):
@@ -216,17 +216,18 @@ class Conv2d(Layer):
             parts.append(vl.sum(axis=3))
         return xp.concatenate(parts, axis=2)
 
-    def _vjp_params_sum(self, v, cols=None):
+    def _vjp_params_sum(self, v, cols=None, out=None):
         """sum_b of the above as one product over the whole batch: dW = v cols with the batch inside the
-        columns of v (C_out, B L) and the rows of cols (B L, C k_h k_w)."""
-        xp = array_module(v)
+        columns of v (C_out, B L) and the rows of cols (B L, C k_h k_w), written into the views of the flat out."""
         cols = self._cols if cols is None else cols  # (B, L, C k_h k_w); channel-major memory, as the forward keeps it
         cols_cm = cols.transpose(2, 0, 1).reshape(cols.shape[2], -1)  # (C k_h k_w, B L): a view of that memory
         v_cm = _channel_major(v)  # (C_out, B L)
-        parts = [(v_cm @ cols_cm.T).ravel()]
-        if "bias" in self.param_names:
-            parts.append(v_cm.sum(axis=1))
-        return xp.concatenate(parts)
+        out = flat_out(self, out, v.dtype)
+        gW, *gb = self.split_params(out)
+        array_module(v).matmul(v_cm, cols_cm.T, out=gW.reshape(self.out_channels, -1))
+        if gb:
+            v_cm.sum(axis=1, out=gb[0])
+        return out
 
     # ---- curvature rules ----------------------------------------------------------------------
     def backprop_diag(self, m):
@@ -234,10 +235,10 @@ class Conv2d(Layer):
         (J_in is the convolution matrix T with entries W[o, c, u, t], so T * T convolves with W * W)."""
         return self._transposed(m[:, None], self.weight ** 2)[:, 0]
 
-    def param_diag_from_diag(self, m, per_sample=False):
+    def param_diag_from_diag(self, m, per_sample=False, out=None):
         """W[o, (c,u,t)]: sum_l m[o, l] cols[l, (c,u,t)]^2;  b[o]: sum_l m[o, l] (J_p * J_p holds cols^2)."""
         cols2 = self._cols ** 2
-        return self._vjp_params(m[:, None], cols2)[:, 0] if per_sample else self._vjp_params_sum(m, cols2)
+        return self._vjp_params(m[:, None], cols2)[:, 0] if per_sample else self._vjp_params_sum(m, cols2, out)
 
     def param_diag(self, M, per_sample=False):
         """W[o, k]: sum_{l, l'} cols[l, k] M[(o,l), (o,l')] cols[l', k];  b[o]: sum_{l, l'} M[(o,l), (o,l')].

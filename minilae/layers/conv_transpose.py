@@ -15,7 +15,7 @@ from __future__ import annotations
 
 
 from ..backend import array_module
-from .base import Layer, prod
+from .base import Layer, into, prod
 from .conv import _im2col_T, _pair, init_params, set_geometry
 
 
@@ -108,10 +108,10 @@ class ConvTranspose2d(Layer):
         """m_in = (J_in * J_in)^T m: the same strided convolution of m with the squared kernel W * W."""
         return self._adjoint(m[:, None], self.weight ** 2)[:, 0]
 
-    def param_diag_from_diag(self, m, per_sample=False):
+    def param_diag_from_diag(self, m, per_sample=False, out=None):
         """W[c, (o,u,t)]: sum_l x[c, l]^2 im2col(m)[(o,u,t), l];  b[o]: sum of m[o] (J_p * J_p holds x^2)."""
-        out = self._vjp_params(m[:, None], self._x ** 2)[:, 0]
-        return out if per_sample else out.sum(axis=0)
+        d = self._vjp_params(m[:, None], self._x ** 2)[:, 0]
+        return d if per_sample else into(out, d.sum(axis=0))
 
     def cost_geometry(self, in_shape, out_shape):
         """The products are convolutions over the L = H W input positions with C_out k_h k_w windows."""

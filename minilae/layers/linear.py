@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import array_module
-from .base import Layer, diag_of, gram_with_ones, init_uniform
+from .base import Layer, diag_of, flat_out, gram_with_ones, init_uniform
 
 
 class Linear(Layer):
@@ -56,13 +56,19 @@ class Linear(Layer):
             parts.append(v)
         return xp.concatenate(parts, axis=2)
 
-    def _vjp_params_sum(self, v):
-        """sum_b (v_b x_b^T, v_b): one matrix product for the batch."""
-        xp = array_module(v)
-        parts = [(v.T @ self._x).ravel()]
-        if "bias" in self.param_names:
-            parts.append(v.sum(axis=0))
-        return xp.concatenate(parts)
+    def _vjp_params_sum(self, v, out=None):
+        """sum_b (v_b x_b^T, v_b): one matrix product for the batch, written into the flat vector's views."""
+        return self._weight_and_bias_sums(v, self._x, out)
+
+    def _weight_and_bias_sums(self, v, x, out):
+        """(v^T x, sum_b v_b) written into the weight and bias views of the flat out (a new one if None): no
+        per-layer concatenation, and out may be the layer's slice of the chain's flat vector."""
+        out = flat_out(self, out, v.dtype)
+        gW, *gb = self.split_params(out)
+        array_module(v).matmul(v.T, x, out=gW)
+        if gb:
+            v.sum(axis=0, out=gb[0])
+        return out
 
     # ---- curvature rules ----------------------------------------------------------------------
     def backprop_full(self, M):
@@ -81,16 +87,15 @@ class Linear(Layer):
         """M_in = W^T diag(m) W."""
         return (self.weight.T * m[:, None, :]) @ self.weight
 
-    def param_diag_from_diag(self, m, per_sample=False):
-        """W[o, i]: m_o x_i^2;  b[o]: m_o."""
+    def param_diag_from_diag(self, m, per_sample=False, out=None):
+        """W[o, i]: m_o x_i^2;  b[o]: m_o (the batch sum into out if given)."""
         xp = array_module(m)
         x2 = self._cached_input() ** 2
-        if per_sample:
-            parts = [(m[:, :, None] * x2[:, None, :]).reshape(m.shape[0], -1)]
-        else:
-            parts = [(m.T @ x2).ravel()]
+        if not per_sample:
+            return self._weight_and_bias_sums(m, x2, out)
+        parts = [(m[:, :, None] * x2[:, None, :]).reshape(m.shape[0], -1)]
         if "bias" in self.param_names:
-            parts.append(m if per_sample else m.sum(axis=0))
+            parts.append(m)
         return xp.concatenate(parts, axis=-1)
 
     def param_diag(self, M, per_sample=False):

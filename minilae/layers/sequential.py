@@ -69,16 +69,16 @@ class Sequential(Layer):
         parts = [layer.get_params() for layer in self.layers if layer.num_params]
         return backend.xp().concatenate(parts) if parts else backend.xp().zeros(0)
 
-    def set_params(self, theta):
-        """Write theta into every layer."""
+    def set_params(self, theta, check_finite: bool = True):
+        """Write theta into every layer (checked once here, not again per layer)."""
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
-        if not all_finite(theta):  # check before any layer is written
+        if check_finite and not all_finite(theta):  # check before any layer is written
             raise ValueError("parameter vector contains NaN or inf")
         for layer, sl in zip(self.layers, self.param_slices()):
             if layer.num_params:
-                layer.set_params(theta[sl])
+                layer.set_params(theta[sl], check_finite=False)
 
     # ---- shapes and forward -----------------------------------------------------------------
     def out_shape(self, in_shape):
@@ -129,24 +129,33 @@ class Sequential(Layer):
             v = layer.vjp_input(v)
         return v
 
-    def _backprop_params(self, v, per_sample):
-        """Walk the chain backwards collecting J_p^l^T v_l, with v_{l-1} = J_in^l^T v_l."""
+    def _backprop_params(self, v, per_sample, out=None):
+        """Walk the chain backwards collecting J_p^l^T v_l, with v_{l-1} = J_in^l^T v_l. The batch sums are
+        written into the layers' slices of one flat vector (out, or a new one): a chain of large layers would
+        otherwise copy every gradient twice (into the layer's flat part, then into the concatenation)."""
         xp = array_module(v)
-        grads = []
-        for i, layer in enumerate(reversed(self.layers)):
-            if layer.num_params:
-                grads.append(layer.vjp_params(v, per_sample=per_sample))
-            if i < len(self.layers) - 1:  # the input gradient of the first layer is never needed
+        if not per_sample and out is None:
+            out = xp.empty(self.num_params, dtype=v.dtype)
+        grads, slices = [], self.param_slices()
+        for i in range(len(self.layers) - 1, -1, -1):
+            layer = self.layers[i]
+            if layer.num_params and per_sample:
+                grads.append(layer.vjp_params(v, per_sample=True))
+            elif layer.num_params:
+                layer.vjp_params(v, out=out[slices[i]])
+            if i > 0:  # the input gradient of the first layer is never needed
                 v = layer.vjp_input(v)
+        if not per_sample:
+            return out
         if not grads:  # a chain without parameters
-            return xp.zeros(v.shape[:2] + (0,) if per_sample else (0,), dtype=v.dtype)
+            return xp.zeros(v.shape[:2] + (0,), dtype=v.dtype)
         return xp.concatenate(grads[::-1], axis=-1)
 
     def _vjp_params(self, v):
         return self._backprop_params(v, per_sample=True)
 
-    def _vjp_params_sum(self, v):
-        return self._backprop_params(v, per_sample=False)
+    def _vjp_params_sum(self, v, out=None):
+        return self._backprop_params(v, per_sample=False, out=out)
 
     # ---- dense Jacobians by the chain rule -----------------------------------------------------
     def jac_input(self, x):
