@@ -29,6 +29,9 @@ CONV_CONFIGS = [
     (3, 2, 3, 1, 1, 5, 5, True),
     (4, 1, (3, 2), 1, (2, 0), 4, 5, True),
     (3, 1, 3, 1, 0, 5, 6, True),
+    # C_out <= C_in / 8 at stride 1: the forward scatters the per-offset products (Conv2d._scatters)
+    (8, 1, 3, 1, 1, 5, 5, True),
+    (9, 1, (2, 3), 1, (1, 0), 4, 5, False),
 ]
 CONV_IDS = [f"c{c[0]}-{c[1]}_k{c[2]}_s{c[3]}_p{c[4]}_{c[5]}x{c[6]}{'' if c[7] else '_nobias'}"
             for c in CONV_CONFIGS]
