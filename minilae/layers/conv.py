@@ -209,8 +209,12 @@ class Conv2d(Layer):
     # ---- forward and products ---------------------------------------------------------------
     @property
     def _cols(self):
-        """cols (B, L, C*kh*kw) of the last forward input, made on demand (a view of a fresh im2col)."""
-        return self.im2col(self._cached_input())
+        """cols (B, L, C*kh*kw) of the last forward input: a view of `_rows`, made (once per forward) after a
+        scattering forward that kept none."""
+        if self._rows is None:
+            self._rows = _im2col_rows(self._cached_input(), self.kernel_size, self.stride, self.padding)[0]
+        B = self._x.shape[0]
+        return self._rows.reshape(self._rows.shape[0], B, -1).transpose(1, 2, 0)
 
     def _forward(self, x):
         if self._scatters():
@@ -308,13 +312,13 @@ class Conv2d(Layer):
 
     def _vjp_params_sum(self, v, square=False, out=None):
         """sum_b of the above over the whole batch on the forward's grid, dW = v rows^T (v on the grid,
-        (C_out, M)), or without `_rows` one (C_out, M) @ (M, C) product per kernel offset with the shifted padded
-        input; with `square`, of the squared input (J_p * J_p). Written into the views of the flat out."""
+        (C_out, M)), or after a scattering forward one (C_out, M) @ (M, C) product per kernel offset with the
+        shifted padded input; with `square`, of the squared input (J_p * J_p). Written into the views of out."""
         xp = array_module(v)
         out = flat_out(self, out, v.dtype)
         gW, *gb = self.split_params(out)
         vg = _to_grid(v, self._grid)
-        if self._rows is not None:
+        if self._xg is None:  # the forward kept the im2col matrix, on the output grid
             xp.matmul(vg, (self._rows ** 2 if square else self._rows).T, out=gW.reshape(self.out_channels, -1))
         else:
             xg = self._xg ** 2 if square else self._xg
