@@ -7,8 +7,9 @@ independent exact normals,
 
     z1 = r cos(phi),  z2 = r sin(phi),  r = sqrt(-2 log(1 - u1)),  phi = 2 pi u2,
 
-and every step is one vectorised ufunc over the whole array (4 ms for the same 1.07M numbers when the
-arrays' pages are mapped; ``benchmarks/bench_vs_pytorch.py`` times it inside an online step). The radius is
+and every step is one vectorised ufunc over the whole array (3.7-5.1 ms for the same 1.07M numbers into a
+reused buffer, against 9.2-10.8 ms for the ziggurat, timed by hand; ``benchmarks/bench_vs_pytorch.py`` times
+it inside an online step). The radius is
 computed from a float64 uniform, so the largest |z| is sqrt(2 log 2^53) = 8.6 rather than the 5.8 that a
 24-bit float32 uniform would allow; the angle needs no more than float32. Every number comes from the
 caller's generator, so the noise is a function of its state alone (the same on every rank of a
