@@ -173,8 +173,8 @@ class Conv2d(Layer):
 
     # ---- im2col -----------------------------------------------------------------------------
     # The gradient and the approximate diagonal run channel-major on a grid (see _Grid, _im2col_rows), the
-    # batch inside the columns. The forward keeps either the im2col matrix `_rows` (C*kh*kw, M), or, at stride
-    # 1 with fewer output than input channels, only the padded input `_xg` (C, n Gh Gw) (see _forward).
+    # batch inside the columns. The forward keeps either the im2col matrix `_rows` (C*kh*kw, M), or, when it
+    # scatters (stride 1, few output channels: `_scatters`), only the padded input `_xg` (C, n Gh Gw).
     # `im2col` and `layer._cols` give the (B, L, C*kh*kw) layout of the paper (the per-sample and full-M rules).
     def _im2col_T(self, x):
         """colsT for this layer's kernel, stride and padding: (B, C*kh*kw, L)."""
@@ -265,7 +265,8 @@ class Conv2d(Layer):
         (kh, kw), (ph, pw) = self.kernel_size, self.padding
         v = v.reshape((B * K,) + v.shape[2:])
         if self.stride != (1, 1):
-            dcols = kernel.reshape(C_out, -1).T @ _to_grid(v, _output_grid(v.shape[0], *v.shape[2:]))  # (C*kh*kw, B K L)
+            v_cm = _to_grid(v, _output_grid(v.shape[0], *v.shape[2:]))  # (C_out, B K L)
+            dcols = kernel.reshape(C_out, -1).T @ v_cm  # (C*kh*kw, B K L)
             dcolsT = dcols.reshape(dcols.shape[0], B, K, -1).transpose(1, 2, 0, 3)  # (B, K, C*kh*kw, L), a view
             return self._col2im_T(dcolsT, (C, H, W))
         grid = _stride1_grid(B * K, (H, W), self.kernel_size, self.padding)
