@@ -12,7 +12,8 @@ what CuPy refuses (checked against CuPy 13):
     TypeError "Unsupported type <class 'numpy.ndarray'>";
   * ``g[key] = host_array`` (CuPy allows only ``g[:] = host_array``): ValueError;
   * NumPy API that CuPy lacks: ``xp.<name>`` in :data:`MISSING`, Generator methods other than
-    CuPy's (no ``normal``, ``permutation``, ``choice``, ``shuffle``), the legacy ``xp.random.*``.
+    CuPy's (no ``normal``, ``permutation``, ``choice``, ``shuffle``), the legacy ``xp.random.*``,
+    array flags other than CuPy's three (``g.flags.writeable``: AttributeError).
 
 Allowed, as in CuPy: ``xp.asarray`` / ``xp.array`` of host data (the host -> device copy; it
 copies, so later changes to the host array do not leak through), host index arrays, Python and
@@ -108,6 +109,13 @@ def _sync(value):
     return value
 
 
+class _Flags(types.SimpleNamespace):
+    """cupy.ndarray.flags: the three flags CuPy keeps."""
+
+    def __getitem__(self, name):
+        return getattr(self, name.lower())
+
+
 class GuardArray:
     """A NumPy array that behaves as if it lived on a device (see the module docstring)."""
 
@@ -139,6 +147,12 @@ class GuardArray:
         return _call(func, *args, **kwargs)
 
     # ---- attributes and methods: NumPy's, with results wrapped ---------------------------------
+    @property
+    def flags(self):
+        """CuPy's flags: c_contiguous, f_contiguous and owndata only (no writeable, aligned...)."""
+        f = self._a.flags
+        return _Flags(c_contiguous=f.c_contiguous, f_contiguous=f.f_contiguous, owndata=f.owndata)
+
     def __getattr__(self, name):
         if name.startswith("__") or name in ("ctypes", "data", "tobytes", "tofile", "tostring", "byteswap"):
             raise AttributeError(f"'GuardArray' object has no attribute {name!r} (not on a device array)")

@@ -61,6 +61,14 @@ def test_numpy_only_generator_methods_are_refused(name):
     assert rng.standard_normal((2,), dtype=np.float32).dtype == np.float32
 
 
+def test_array_flags_are_cupys_three(g):
+    """cupy.ndarray.flags has c_contiguous, f_contiguous and owndata only: code reading flags.writeable (as
+    Layer.set_params once did) would fail on a GPU, and must fail here."""
+    assert g.flags.c_contiguous and g.flags["C_CONTIGUOUS"] and g.flags.owndata and not g.flags.f_contiguous
+    with pytest.raises(AttributeError):
+        g.flags.writeable
+
+
 def test_numpy_functions_cupy_lacks_are_refused(g):
     """Bug caught: NumPy-only API (here the business-day functions) reached through xp() or np.<function>."""
     with pytest.raises(AttributeError, match="module 'cupy' has no attribute 'busday_count'"):

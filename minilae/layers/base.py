@@ -98,7 +98,8 @@ class Layer:
         for name in self.param_names:
             p = getattr(self, name)
             new = theta[start:start + p.size].reshape(p.shape)
-            if getattr(p, "base", p) is None and p.flags.writeable:  # an array of the layer's own: write into it,
+            # (CuPy's arrays have no writeable flag: all of them are)
+            if getattr(p, "base", p) is None and getattr(p.flags, "writeable", True):  # the layer's own: write into it,
                 p[...] = new  # as a fresh array would cost its page faults at every step of a trainer
             else:  # a view into another array is replaced, never written through
                 setattr(self, name, new.astype(p.dtype, copy=True))
