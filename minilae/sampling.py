@@ -1,17 +1,17 @@
 """Standard normal noise eps ~ N(0, I) for the posteriors' samples theta = mean + eps / sqrt(precision).
 
 One sample of the weights takes P normals. NumPy's Generator draws them one at a time (its ziggurat): for the
-MLP autoencoder's 1.07M float32 weights that is 11 ms on the 2-core CI machine, longer than a whole plain-AE
-step. For float32 noise we use the Box-Muller transform instead: two independent uniforms give two
-independent exact normals,
+MLP autoencoder's 1.07M float32 weights that is 9-11 ms on the 2-core CI machine, about a whole plain-AE step.
+For float32 noise we use the Box-Muller transform instead: two independent uniforms give two independent
+exact normals,
 
     z1 = r cos(phi),  z2 = r sin(phi),  r = sqrt(-2 log(1 - u1)),  phi = 2 pi u2,
 
 and every step is one vectorised ufunc over the whole array (3.7-5.1 ms for the same 1.07M numbers into a
 reused buffer, against 9.2-10.8 ms for the ziggurat, timed by hand; ``benchmarks/bench_vs_pytorch.py`` times
-it inside an online step). The radius is
-computed from a float64 uniform, so the largest |z| is sqrt(2 log 2^53) = 8.6 rather than the 5.8 that a
-24-bit float32 uniform would allow; the angle needs no more than float32. Every number comes from the
+it inside an online step). The radius is computed from a float64 uniform, so the largest |z| is
+sqrt(2 log 2^53) = 8.6 rather than the 5.8 that a 24-bit float32 uniform would allow; the angle needs no more
+than float32. Every number comes from the
 caller's generator, so the noise is a function of its state alone (the same on every rank of a
 data-parallel run holding the same generator), and every backend runs the same arithmetic, so the guard
 backend reproduces NumPy's noise exactly. float64 noise is the generator's own ``standard_normal`` (NumPy's
