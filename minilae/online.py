@@ -123,12 +123,9 @@ class OnlineLaplace:
             return DiagonalLaplace(self.theta.copy(), H.copy(), self.prior_precision)
         return DiagonalLaplace(self.theta, H, self.prior_precision)
 
-    def prior_grad(self):
-        """(lambda / N) theta_t: the gradient of the prior's share lambda / (2N) ||theta_t||^2 of the objective."""
-        return (self.prior_precision / self.n_data) * self.theta
-
     def _add_prior_grad(self, grad):
-        """grad += prior_grad(), the product in the sample buffer (free once the sampled weights are used)."""
+        """grad += (lambda / N) theta_t, the gradient of the prior's share lambda / (2N) ||theta_t||^2 of the
+        objective; the product is formed in the sample buffer (free once the sampled weights are used)."""
         work = self._thetas[0]
         array_module(grad).multiply(self.theta, self.prior_precision / self.n_data, out=work)
         grad += work
