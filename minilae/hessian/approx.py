@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 
 from ..backend import array_module
-from .chain import check_memory, concat_parts
+from .chain import check_memory, concat_parts, lowest_parametric
 from .cost import step_cost
 
 
@@ -28,9 +28,10 @@ def approx_diagonal(layers, shapes, m, budget, per_sample=False):
     # the batch sums are written into each layer's slice of one flat vector, never concatenated
     ends = list(itertools.accumulate(layer.num_params for layer in layers))
     flat = None if per_sample else xp.empty(ends[-1] if ends else 0, dtype=m.dtype)
-    for i in range(len(layers) - 1, -1, -1):
+    stop = lowest_parametric(layers)
+    for i in range(len(layers) - 1, stop - 1, -1):
         layer = layers[i]
-        cost = step_cost(layer, shapes[i], shapes[i + 1], B, ("diag", None), ("diag", None) if i > 0 else None,
+        cost = step_cost(layer, shapes[i], shapes[i + 1], B, ("diag", None), ("diag", None) if i > stop else None,
                          m.dtype.itemsize, index=i)
         check_memory(cost.peak_bytes, budget, f"the approximate GGN at layer {i} ({layer!r}), diagonal M, "
                                               f"batch {B},")
@@ -38,6 +39,6 @@ def approx_diagonal(layers, shapes, m, budget, per_sample=False):
             parts.append(layer.param_diag_from_diag(m, per_sample=True))
         elif layer.num_params:
             layer.param_diag_from_diag(m, out=flat[ends[i] - layer.num_params:ends[i]])
-        if i > 0:  # the network input needs no curvature
+        if i > stop:  # the layers below the first parametric one need no curvature
             m = layer.backprop_diag(m)
     return flat if not per_sample else concat_parts(parts[::-1], per_sample, m.shape[0], m.dtype, xp)

@@ -14,6 +14,7 @@ import os
 
 from ..backend import array_module
 from ..layers import Layer, Sequential
+from ..layers.sequential import lowest_parametric  # noqa: F401 - where every walk ends
 from ..layers.base import CHUNK_BYTES  # noqa: F401 - the engine's chunk size, shared with the layers' products
 
 BUDGET_FRACTION = 0.8

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 from ..backend import get_default_dtype, xp
 from ..layers.base import missing_rule
-from .chain import CHUNK_BYTES, feature_shapes, format_bytes, leaf_layers, size
+from .chain import CHUNK_BYTES, feature_shapes, format_bytes, leaf_layers, lowest_parametric, size
 
 METHODS = ("approx", "exact", "mixed", "sqrt", "block")
 
@@ -311,9 +311,10 @@ def estimate_cost(model, input_shape, batch_size, method, threshold=None, dtype=
     fo, ko = forms[-1]
     table = CostTable(method=method, batch_size=int(batch_size), itemsize=itemsize,
                       output_bytes=_m_elements(fo, ko, sizes[-1], int(batch_size)) * itemsize)
-    for i in range(len(layers) - 1, -1, -1):
+    stop = lowest_parametric(layers)  # the walks end at the first parametric layer: no rows below it
+    for i in range(len(layers) - 1, stop - 1, -1):
         table.rows.append(step_cost(layers[i], shapes[i], shapes[i + 1], int(batch_size), forms[i + 1],
-                                    forms[i] if i > 0 else None, itemsize, index=i, block=method == "block",
+                                    forms[i] if i > stop else None, itemsize, index=i, block=method == "block",
                                     kfac=method in KFAC_PLANS))
     return table
 

@@ -12,22 +12,22 @@ the layers near the bottleneck, see `mixed`). Two things are read off M at a par
 from __future__ import annotations
 
 from ..backend import array_module
-from .chain import check_memory, concat_parts
+from .chain import check_memory, concat_parts, lowest_parametric
 from .cost import step_cost
 
 
 def _walk(layers, shapes, M, budget, read_off, block):
     """Algorithm 1 with full M: read each parametric layer's part off M_l, then M_{l-1} = J_in^T M_l J_in."""
-    parts, B = [], M.shape[0]
-    for i in range(len(layers) - 1, -1, -1):
+    parts, B, stop = [], M.shape[0], lowest_parametric(layers)
+    for i in range(len(layers) - 1, stop - 1, -1):
         layer = layers[i]
-        cost = step_cost(layer, shapes[i], shapes[i + 1], B, ("full", None), ("full", None) if i > 0 else None,
+        cost = step_cost(layer, shapes[i], shapes[i + 1], B, ("full", None), ("full", None) if i > stop else None,
                          M.dtype.itemsize, index=i, block=block)
         check_memory(cost.peak_bytes, budget, f"the exact GGN at layer {i} ({layer!r}), full M of "
                                               f"{cost.d_out} x {cost.d_out} per sample, batch {B},")
         if layer.num_params:
             parts.append(read_off(layer, M))
-        if i > 0:
+        if i > stop:
             M = layer.backprop_full(M)
     return parts[::-1]
 

@@ -15,7 +15,7 @@ a MissingRuleError naming it, never silently approximated by something else.
 from __future__ import annotations
 
 from ..kfac import KronBlock
-from .chain import check_memory, size
+from .chain import check_memory, lowest_parametric, size
 from .cost import check_kfac_layers, plan_forms, step_cost
 from .sqrt import factor_of, full_of
 
@@ -61,10 +61,10 @@ def kfac_factors(layers, shapes, likelihood, f, y, budget, method="kfac"):
     for layer in layers:
         offsets.append(start)
         start += layer.num_params
-    blocks = []
-    for i in range(len(layers) - 1, -1, -1):
+    blocks, stop = [], lowest_parametric(layers)
+    for i in range(len(layers) - 1, stop - 1, -1):
         layer, form = layers[i], forms[i + 1][0]
-        cost = step_cost(layer, shapes[i], shapes[i + 1], B, forms[i + 1], forms[i] if i > 0 else None,
+        cost = step_cost(layer, shapes[i], shapes[i + 1], B, forms[i + 1], forms[i] if i > stop else None,
                          M.dtype.itemsize, index=i, kfac=True)
         check_memory(cost.peak_bytes, budget, f"the KFAC factors at layer {i} ({layer!r}, M {cost.form_out} -> "
                                               f"{cost.form_in}), batch {B},")
@@ -72,6 +72,6 @@ def kfac_factors(layers, shapes, likelihood, f, y, budget, method="kfac"):
             G = getattr(layer, READ_OFF[form])(M)
             blocks.append(KronBlock(layer.kfac_input_factor(), G, B * layer.kfac_positions(shapes[i + 1]),
                                     offsets[i], "bias" in layer.param_names))
-        if i > 0:
+        if i > stop:
             M = _push(layer, M, form, forms[i][0], shapes[i + 1])
     return blocks[::-1]

@@ -10,7 +10,7 @@ so the only approximation is dropping off-diagonal terms where M is held as a di
 from __future__ import annotations
 
 from ..backend import array_module
-from .chain import check_memory, concat_parts, size
+from .chain import check_memory, concat_parts, lowest_parametric, size
 from .cost import plan_forms, step_cost
 
 STEPS = {("full", "full"): "backprop_full", ("full", "diag"): "diag_of_backprop",
@@ -25,16 +25,16 @@ def mixed_diagonal(layers, shapes, M, threshold, budget, per_sample=False):
     """
     xp = array_module(M)
     forms = plan_forms("mixed", [size(s) for s in shapes], threshold)
-    parts, B = [], M.shape[0]
-    for i in range(len(layers) - 1, -1, -1):
+    parts, B, stop = [], M.shape[0], lowest_parametric(layers)
+    for i in range(len(layers) - 1, stop - 1, -1):
         layer, form = layers[i], forms[i + 1][0]
-        cost = step_cost(layer, shapes[i], shapes[i + 1], B, forms[i + 1], forms[i] if i > 0 else None,
+        cost = step_cost(layer, shapes[i], shapes[i + 1], B, forms[i + 1], forms[i] if i > stop else None,
                          M.dtype.itemsize, index=i)
         check_memory(cost.peak_bytes, budget, f"the mixed GGN at layer {i} ({layer!r}, M {cost.form_out} -> "
                                               f"{cost.form_in}), batch {B},")
         if layer.num_params:
             read_off = layer.param_diag if form == "full" else layer.param_diag_from_diag
             parts.append(read_off(M, per_sample))
-        if i > 0:
+        if i > stop:
             M = getattr(layer, STEPS[(form, forms[i][0])])(M)
     return concat_parts(parts[::-1], per_sample, B, M.dtype, xp)

@@ -13,7 +13,7 @@ Through an autoencoder this means the encoder sees a factor with k = latent size
 from __future__ import annotations
 
 from ..backend import array_module
-from .chain import check_memory, concat_parts, size
+from .chain import check_memory, concat_parts, lowest_parametric, size
 from .cost import plan_forms, sqrt_forms_below, step_cost
 
 
@@ -40,14 +40,14 @@ def _diagonal_head(layers, shapes, m, budget, per_sample, planned):
     there and its form (('full', None): (B, d, d); ('sqrt', k): a factor (B, k, *shape)). Why: a Gaussian's
     H_out = I pushed as a factor costs d_out GEMM columns per sample at the last Linear, 40 of the MLP AE's
     80 GFLOP at batch 64; from diag(m) that layer's M_in = W^T diag(m) W costs 26."""
-    parts, B = [], m.shape[0]
-    for i in range(len(layers) - 1, -1, -1):
+    parts, B, stop = [], m.shape[0], lowest_parametric(layers)
+    for i in range(len(layers) - 1, stop - 1, -1):
         layer = layers[i]
         _check_step(layers, shapes, planned, i, B, m.dtype.itemsize, budget)
         if layer.num_params:
             parts.append(layer.param_diag_from_diag(m, per_sample))
-        if i == 0:
-            return parts, 0, None, ("full", None)
+        if i == stop:
+            return parts, stop, None, ("full", None)
         if not layer.one_input_per_output:
             d_out, d_in = size(shapes[i + 1]), size(shapes[i])
             if d_out < d_in:  # the factor (d_out columns) is smaller than M_in (d_in^2)
@@ -60,7 +60,8 @@ def _diagonal_head(layers, shapes, m, budget, per_sample, planned):
 
 def _check_step(layers, shapes, forms, i, B, itemsize, budget):
     """Refuse layer i's step (MemoryBudgetError) when its row of the plan exceeds the budget."""
-    cost = step_cost(layers[i], shapes[i], shapes[i + 1], B, forms[i + 1], forms[i] if i > 0 else None, itemsize,
+    below = i > lowest_parametric(layers)
+    cost = step_cost(layers[i], shapes[i], shapes[i + 1], B, forms[i + 1], forms[i] if below else None, itemsize,
                      index=i)
     check_memory(cost.peak_bytes, budget, f"the square-root GGN at layer {i} ({layers[i]!r}, M {cost.form_out} "
                                           f"-> {cost.form_in}), batch {B},")
@@ -93,13 +94,14 @@ def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):
                 forms = plan_forms("sqrt", sizes, k_out=S.shape[2])
                 planned = list(forms)
                 M = full_of(M) if forms[-1][0] == "full" else M
-    for i in range(top - 1, -1, -1):
+    stop = lowest_parametric(layers)
+    for i in range(top - 1, stop - 1, -1):
         layer, (form, _) = layers[i], forms[i + 1]
         _check_step(layers, shapes, planned, i, B, M.dtype.itemsize, budget)
         if layer.num_params:
             read_off = layer.param_diag if form == "full" else layer.param_diag_from_sqrt
             parts.append(read_off(M, per_sample))
-        if i == 0:
+        if i == stop:
             break
         if form == "full" and forms[i][0] == "full":
             M = layer.backprop_full(M)

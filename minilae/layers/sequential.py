@@ -14,6 +14,12 @@ from ..validation import all_finite
 from .base import Layer, check_batch, identity_jacobian, label, prod
 
 
+def lowest_parametric(layers) -> int:
+    """Index of the first layer with parameters (0 if none): every backward walk ends there, as nothing below
+    it needs a gradient or curvature (the MLP AE's first Linear would push 784 features into its Flatten)."""
+    return next((i for i, layer in enumerate(layers) if layer.num_params), 0)
+
+
 class Sequential(Layer):
     """f(x) = f_L(... f_1(x)); parameters ordered layer by layer."""
 
@@ -137,13 +143,14 @@ class Sequential(Layer):
         if not per_sample and out is None:
             out = xp.empty(self.num_params, dtype=v.dtype)
         grads, slices = [], self.param_slices()
-        for i in range(len(self.layers) - 1, -1, -1):
+        stop = lowest_parametric(self.layers)
+        for i in range(len(self.layers) - 1, stop - 1, -1):
             layer = self.layers[i]
             if layer.num_params and per_sample:
                 grads.append(layer.vjp_params(v, per_sample=True))
             elif layer.num_params:
                 layer.vjp_params(v, out=out[slices[i]])
-            if i > 0:  # the input gradient of the first layer is never needed
+            if i > stop:
                 v = layer.vjp_input(v)
         if not per_sample:
             return out
