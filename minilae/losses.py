@@ -147,6 +147,11 @@ class Likelihood:
         """diag(H_b), shape of f."""
         raise NotImplementedError
 
+    def hess_diag_value(self, f, y=None):
+        """The one value c of diag(H_b) when it is the same for every image and output (then the engine's
+        diagonal walk starts from a constant, `ConstantDiag`), else None."""
+        return None
+
     def hess_sqrt(self, f, y=None):
         """S_b with H_b = S_b S_b^T, shape (B, d, k)."""
         raise NotImplementedError
@@ -218,6 +223,11 @@ class Gaussian(Likelihood):
         """diag(H) = 1 / sigma^2 everywhere."""
         xp = self._check_hess(f, y)
         return xp.full(f.shape, 1 / self.sigma**2, dtype=f.dtype)
+
+    def hess_diag_value(self, f, y=None):
+        """1 / sigma^2: diag(H) holds that one value for every image and output."""
+        self._check_hess(f, y)
+        return 1 / self.sigma**2
 
     def hess_sqrt(self, f, y=None):
         """S = I / sigma, so S S^T = I / sigma^2."""

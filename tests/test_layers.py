@@ -9,6 +9,7 @@ from scipy.special import expit
 
 from minilae.backend import asarray, get_default_dtype, set_default_dtype, to_numpy, xp
 from minilae.gradcheck import assert_close, fd_roundoff, numerical_jacobian
+from minilae.layers.base import ConstantDiag
 from minilae.layers import (ELU, AvgPool2d, Conv2d, ConvTranspose2d, Dropout, Elementwise, Flatten, Layer,
                             LeakyReLU, Linear, MaxPool2d, ReLU, Reshape, Sequential, Sigmoid, Softplus, Tanh, Upsample)
 
@@ -551,6 +552,25 @@ def test_param_rules_match_dense(param_case, rng):
     from_sqrt = np.einsum("bpp->bp", np.einsum("bop,bko,bkq,bqr->bpr", Jp, Vf, Vf, Jp))
     close(layer.param_diag_from_sqrt(asarray(V), per_sample=True), from_sqrt, f"{layer!r} sum_k (J_p^T v_k)^2")
     close(layer.param_diag_from_sqrt(asarray(V)), from_sqrt.sum(axis=0), f"{layer!r} summed sqrt diag")
+
+
+def test_constant_rules_match_dense(case, rng):
+    """m = c at every entry (a Gaussian likelihood's M_L = I / sigma^2): a layer's constant rules against the dense
+    Jacobians. Bugs caught: Linear's weight diagonal summed over the outputs instead of the batch, the bias given
+    c instead of c B, Conv2d's window sums without the padding or taken at stride 1 on a strided layer, its
+    m_in missing the border (the windows that cover a pixel), a reshape that loses the constant."""
+    layer, x = case
+    J, Jp, _, _, _ = curvature_inputs(layer, x, rng)
+    B, in_shape = x.shape[0], tuple(x.shape[1:])
+    y = layer.forward(x)
+    m = ConstantDiag(0.7, tuple(y.shape), y)
+    m_in = layer.backprop_constant_diag(m)
+    if isinstance(m_in, ConstantDiag):
+        assert m_in.value == m.value
+        m_in = m_in.full()
+    close(m_in, 0.7 * (J * J).sum(axis=1).reshape((B,) + in_shape), f"{layer!r} (J * J)^T c")
+    if layer.num_params:
+        close(layer.param_diag_from_constant(m), 0.7 * (Jp * Jp).sum(axis=(0, 1)), f"{layer!r} summed (J_p * J_p)^T c")
 
 
 EXACT_RULES = ["backprop_full", "diag_of_backprop", "backprop_from_diag"]

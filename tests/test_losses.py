@@ -95,6 +95,12 @@ def test_hess_diag_is_diagonal_of_hess(case):
     assert diag.shape == f.shape
     expected = np.diagonal(lik.hess(f, y), axis1=1, axis2=2).reshape(f.shape)
     assert_close(diag, expected, 1e-14, "hess_diag")
+    # the one value the engine's approx walk starts from, where diag(H) holds only one (the Gaussian's 1 / sigma^2)
+    value = lik.hess_diag_value(f, y)
+    constant = bool((diag == diag.reshape(-1)[0]).all())
+    assert (value is None) == (not constant or type(lik).__name__ != "Gaussian"), value
+    if value is not None:
+        np.testing.assert_array_equal(to_numpy(diag), np.full(f.shape, value, dtype=f.dtype))
 
 
 @pytest.mark.parametrize("case", CASES, ids=CASE_IDS)

@@ -12,18 +12,24 @@ from __future__ import annotations
 import itertools
 
 from ..backend import array_module
+from ..layers.base import ConstantDiag
 from .chain import check_memory, concat_parts, lowest_parametric
 from .cost import step_cost
 
 
 def approx_diagonal(layers, shapes, m, budget, per_sample=False):
     """Algorithm 1 with diagonal M: m_L = diag(H_out), then per layer read off the parameter diagonal
-    and push m back. m is (B, *out); returns the flat (P,) or (B, P) diagonal.
+    and push m back. m is (B, *out), or a ConstantDiag (M_L = c I); returns the flat (P,) or (B, P) diagonal.
+
+    While m is one constant c (from a Gaussian likelihood down to the first layer that mixes its inputs),
+    the steps take the layers' constant rules: the last Linear reads c sum_b x_b^2 off its input instead of
+    the product m^T (x * x), and pushes back c sum_o W[o, :]^2 instead of m (W * W), so the walk's largest
+    layer needs no product with the batch (the MLP and conv AEs' output layers).
 
     Each step is checked against the memory budget first (the estimate_cost row of that step), as in
     the other walkers: the per-sample diagonals (B, P) and Conv2d's squared im2col can be large.
     """
-    xp = array_module(m)
+    xp = array_module(m.like if isinstance(m, ConstantDiag) else m)
     parts, B = [], m.shape[0]
     # the batch sums are written into each layer's slice of one flat vector, never concatenated
     ends = list(itertools.accumulate(layer.num_params for layer in layers))
@@ -35,10 +41,12 @@ def approx_diagonal(layers, shapes, m, budget, per_sample=False):
                          m.dtype.itemsize, index=i)
         check_memory(cost.peak_bytes, budget, f"the approximate GGN at layer {i} ({layer!r}), diagonal M, "
                                               f"batch {B},")
+        constant = isinstance(m, ConstantDiag)
         if layer.num_params and per_sample:
-            parts.append(layer.param_diag_from_diag(m, per_sample=True))
+            parts.append(layer.param_diag_from_diag(m.full() if constant else m, per_sample=True))
         elif layer.num_params:
-            layer.param_diag_from_diag(m, out=flat[ends[i] - layer.num_params:ends[i]])
+            read_off = layer.param_diag_from_constant if constant else layer.param_diag_from_diag
+            read_off(m, out=flat[ends[i] - layer.num_params:ends[i]])
         if i > stop:  # the layers below the first parametric one need no curvature
-            m = layer.backprop_diag(m)
+            m = layer.backprop_constant_diag(m) if constant else layer.backprop_diag(m)
     return flat if not per_sample else concat_parts(parts[::-1], per_sample, m.shape[0], m.dtype, xp)

@@ -17,7 +17,9 @@ Jacobians: `backprop_full` (M_in = J_in^T M J_in), `backprop_diag` (m_in = (J_in
 diagonal m = diag(M)), the two mixed steps `diag_of_backprop` and `backprop_from_diag`, and the parameter
 parts `param_block`, `param_diag`, `param_diag_from_diag`, `param_diag_from_sqrt`. A full M is
 (B, d_out, d_out) in flat feature coordinates, a diagonal m is shaped like the output (B, *out_shape),
-a square-root factor V (M = V^T V) is (B, k, *out_shape). The base class derives every exact rule from
+a square-root factor V (M = V^T V) is (B, k, *out_shape), and a diagonal holding one value everywhere (a
+Gaussian likelihood's M_L = I / sigma^2) may come as a `ConstantDiag`, for `backprop_constant_diag` and
+`param_diag_from_constant`. The base class derives every exact rule from
 `vjp_input` / `vjp_params` (the columns of M pushed as an extra batch axis); `backprop_diag` has no
 general form, so a layer gives it, or declares the structure that implies it (`unit_jacobian`), or the
 engine says which method to implement (`MissingRuleError`). `cost_geometry` feeds `estimate_cost`.
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import NamedTuple
 
 from .. import backend
 from ..backend import array_module, get_default_dtype
@@ -257,6 +260,11 @@ class Layer:
         raise missing_rule(self, "backprop_diag(m)", "for the diagonal M (m_in = (J_in * J_in)^T m) that 'approx' "
                                                      "and 'mixed' need")
 
+    def backprop_constant_diag(self, m):
+        """m_in = (J_in * J_in)^T m for m = c at every entry (a ConstantDiag): an array (B, *in), or a
+        ConstantDiag where it stays constant. By default through the materialised m."""
+        return self.backprop_diag(m.full())
+
     def diag_of_backprop(self, M):
         """m_in = diag(J_in^T M J_in) for full M (B, d_out, d_out) -> (B, *in), without the d_in x d_in matrix:
         sum_o R[o, i] (M R)[o, i] with R = J_in (or (J_in * J_in)^T diag(M) with `one_output_per_input`)."""
@@ -297,6 +305,11 @@ class Layer:
         d = (m.reshape(m.shape[0], 1, -1) @ (J * J))[:, 0]
         return d if per_sample else into(out, d.sum(axis=0))
 
+    def param_diag_from_constant(self, m, out=None):
+        """(J_p * J_p)^T m summed over the batch for m = c at every entry (a ConstantDiag): (P,), into out if
+        given. By default through the materialised m."""
+        return self.param_diag_from_diag(m.full(), out=out)
+
     def param_diag_from_sqrt(self, V, per_sample=False):
         """diag(J_p^T V^T V J_p) = sum_k (J_p^T v_k)^2 for V (B, k, *out), in chunks of k: (P,) or (B, P)."""
         B, K = V.shape[:2]
@@ -331,6 +344,28 @@ class Layer:
 
 
 _STAMPS = itertools.count(1)
+
+
+class ConstantDiag(NamedTuple):
+    """A diagonal m = diag(M) that holds one value c at every entry, of shape (B, *features): a Gaussian
+    likelihood's M_L = I / sigma^2. Where m is constant, a layer's step needs no product with the batch:
+    Linear's weight diagonal is c sum_b x_b^2 in every row, and its m_in = c sum_o W[o, :]^2 in every image."""
+
+    value: float
+    shape: tuple  # (B, *features)
+    like: object  # an array of the backend and dtype that m.full() takes
+
+    @property
+    def dtype(self):
+        return self.like.dtype
+
+    def full(self):
+        """m materialised: an array of the given shape holding value everywhere."""
+        return array_module(self.like).full(self.shape, self.value, dtype=self.like.dtype)
+
+    def reshape(self, shape):
+        """The same constant on another shape (B, *features)."""
+        return self._replace(shape=tuple(shape))
 
 
 def label(layer) -> str:

@@ -347,6 +347,33 @@ class Conv2d(Layer):
             return self._vjp_params(m[:, None], self._cols ** 2)[:, 0]
         return self._vjp_params_sum(m, square=True, out=out)
 
+    def backprop_constant_diag(self, m):
+        """m_in[b, c, i, j] = c0 sum of W[o, c, u, t]^2 over the outputs o and the windows (u, t) that cover
+        pixel (i, j): the same for every image, so one image's col2im of sum_o W^2, and no product with the batch."""
+        xp = array_module(self.weight)
+        in_shape = tuple(self._x.shape[1:])
+        _, Ho, Wo = self.out_shape(in_shape)
+        w2 = xp.einsum("ocut,ocut->cut", self.weight, self.weight).reshape(1, -1, 1)  # (1, C kh kw, 1)
+        image = self._col2im_T(xp.broadcast_to(w2, (1, w2.shape[1], Ho * Wo)), in_shape)  # (1, C, H, W)
+        m_in = xp.empty((m.shape[0],) + in_shape, dtype=m.dtype)
+        m_in[...] = image * m.value
+        return m_in
+
+    def param_diag_from_constant(self, m, out=None):
+        """W[o, c, u, t]: c0 sum_b sum_(h, w) x_pad[b, c, h s + u, w s + t]^2, the same for every o: window sums
+        of the batch's summed squared input (C, H, W), no im2col;  b[o]: c0 B Ho Wo."""
+        x = self._cached_input()
+        xp = array_module(x)
+        out = flat_out(self, out, m.dtype)
+        gW, *gb = self.split_params(out)
+        _, Ho, Wo = self.out_shape(tuple(x.shape[1:]))
+        squares = xp.einsum("bchw,bchw->chw", x, x)[None]  # (1, C, H, W)
+        windows = _windows(_pad(squares, *self.padding), self.kernel_size, self.stride, (Ho, Wo))
+        gW[...] = windows.sum(axis=(0, 4, 5)) * m.value
+        if gb:
+            gb[0][...] = m.value * x.shape[0] * Ho * Wo
+        return out
+
     def param_diag(self, M, per_sample=False):
         """W[o, k]: sum_{l, l'} cols[l, k] M[(o,l), (o,l')] cols[l', k];  b[o]: sum_{l, l'} M[(o,l), (o,l')].
 

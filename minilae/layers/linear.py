@@ -79,6 +79,13 @@ class Linear(Layer):
         """m_in = (W * W)^T m."""
         return m @ self.weight ** 2
 
+    def backprop_constant_diag(self, m):
+        """m_in[b, i] = c sum_o W[o, i]^2, the same for every image: no product with the batch."""
+        xp = array_module(self.weight)
+        m_in = xp.empty((m.shape[0], self.in_features), dtype=m.dtype)
+        m_in[...] = xp.einsum("oi,oi->i", self.weight, self.weight) * m.value
+        return m_in
+
     def diag_of_backprop(self, M):
         """m_in[i] = sum_o W[o, i] (M W)[o, i]."""
         return ((M @ self.weight) * self.weight).sum(axis=1)
@@ -97,6 +104,16 @@ class Linear(Layer):
         if "bias" in self.param_names:
             parts.append(m)
         return xp.concatenate(parts, axis=-1)
+
+    def param_diag_from_constant(self, m, out=None):
+        """W[o, i]: c sum_b x_bi^2, the same in every row o;  b[o]: c B. No product with the batch."""
+        x = self._cached_input()
+        out = flat_out(self, out, m.dtype)
+        gW, *gb = self.split_params(out)
+        gW[...] = array_module(x).einsum("bi,bi->i", x, x) * m.value
+        if gb:
+            gb[0][...] = m.value * x.shape[0]
+        return out
 
     def param_diag(self, M, per_sample=False):
         """J_p touches one output per weight, so only diag(M) enters: W[o, i]: M_oo x_i^2;  b[o]: M_oo."""

@@ -32,6 +32,10 @@ class Reshape(Layer):
         """A reshape keeps the flat order, so J_in = I and M_in = M."""
         return M
 
+    def backprop_constant_diag(self, m):
+        """J_in = I: a constant m stays the same constant, on the input shape."""
+        return m.reshape((m.shape[0],) + tuple(self._x.shape[1:]))
+
     def cost_geometry(self, in_shape, out_shape):
         """No arithmetic; one copy of the features at most."""
         return dict(kind="pointwise", vjp_flops=prod(in_shape), vjp_work=prod(in_shape))
