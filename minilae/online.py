@@ -71,7 +71,7 @@ from .training import (
     reconstruction_stats,
 )
 from .hessian.cost import check_threshold
-from .validation import positive, positive_int
+from .validation import all_finite, positive, positive_int
 
 __all__ = ["OnlineLaplace", "DEFAULT_ALPHA", "HESSIAN_METHODS"]
 
@@ -135,18 +135,21 @@ class OnlineLaplace:
 
         n_batch: B, the images of the whole batch when x is one rank's shard (default x.shape[0]); the sum over
         the ranks' shards is the caller's all-reduce."""
-        G = ggn_diagonal(self.model, self.likelihood, x, x, method=self.hessian, threshold=self.threshold, f=f)
-        check_finite("the batch GGN", G, self.t + 1)
-        # a PSD matrix has a nonnegative diagonal; allow round-off only (relative to the largest |entry|)
+        scale = self.n_data / (x.shape[0] if n_batch is None else n_batch)  # on H_out: no pass over G
+        G = ggn_diagonal(self.model, self.likelihood, x, x, method=self.hessian, threshold=self.threshold, f=f,
+                         scale=scale)
+        # one pass over G: its min is nan where an entry is nan, and negative where the diagonal of a PSD matrix
+        # would not be (round-off allowed, relative to the largest |entry|); a +inf is named by the check of the
+        # precision it flows into (step)
         low = float(G.min()) if G.size else 0.0
-        if low < 0:  # only then the second pass over G: the max, and the clip (G is the engine's fresh array)
+        if not low >= 0:  # only then the second pass over G: the finite check, the max, and the clip
+            check_finite("the batch GGN", G, self.t + 1)
             high = float(G.max())
             if low < -1e-6 * max(high, -low):
                 raise TrainingDivergedError(
                     f"at step {self.t + 1} the batch GGN has a negative diagonal entry ({low:.3e}) "
                     "beyond round-off: the Hessian engine returned a non-PSD matrix")
-            array_module(G).maximum(G, 0, out=G)
-        G *= self.n_data / (x.shape[0] if n_batch is None else n_batch)
+            array_module(G).maximum(G, 0, out=G)  # G is the engine's fresh array
         return G
 
     def _initial_precision(self, x):
@@ -202,7 +205,9 @@ class OnlineLaplace:
         self.H += G
         self.t += 1
         check_finite("the parameters", self.theta, self.t)
-        check_finite("the precision", self.H, self.t)
+        if not all_finite(self.H):  # name the batch GGN where it brought the inf (batch_ggn caught any nan)
+            check_finite("the batch GGN", G, self.t)
+            check_finite("the precision", self.H, self.t)
         self.model.set_params(self.theta, check_finite=False)  # checked just above
         return stats
 

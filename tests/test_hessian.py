@@ -755,3 +755,42 @@ def test_every_walk_ends_at_the_first_parametric_layer(call, monkeypatch):
         assert_close(g, w, EXACT, f"{call} without the push below the first Linear")
     if call in METHODS:
         assert [r.index for r in estimate_cost(model, (3, 2, 2), 4, call).rows] == [4, 3, 2, 1]
+
+
+@pytest.mark.parametrize("net", ["mlp_ae", "conv_ae", "decoder", "conv"])
+def test_approx_under_a_gaussian_starts_from_the_constant(net, monkeypatch):
+    """M_L = I / sigma^2 travels as a ConstantDiag down to the first layer that mixes its inputs, and the walk
+    gives what the materialised m gives (the decoder ends in a ConvTranspose2d, which takes the Layer default:
+    the materialised m), per sample too. Bugs caught: the constant rules never taken (the speed-up lost
+    silently), the last layer's diagonal read off the wrong m."""
+    from minilae.hessian.approx import approx_diagonal
+    from minilae.hessian.chain import feature_shapes, resolve_budget
+    model, lik, x, y = make(net, "gaussian")
+    f = model(x)
+    layers = leaf_layers(model)
+    shapes = feature_shapes(layers, tuple(x.shape[1:]))
+    want = approx_diagonal(layers, shapes, lik.hess_diag(f, y), resolve_budget(None, xp()))
+    last = next(layer for layer in layers[::-1] if layer.num_params)
+    for name in ("param_diag_from_diag", "backprop_diag") if isinstance(last, (Linear, Conv2d)) else ():
+        monkeypatch.setattr(last, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} on a materialised m"))
+    assert_close(ggn_diagonal(model, lik, x, y, method="approx", f=f), want, EXACT, f"{net} from the constant")
+    monkeypatch.undo()
+    per_sample = ggn_diagonal(model, lik, x, y, method="approx", per_sample=True, f=f)
+    assert_close(per_sample.sum(axis=0), want, EXACT, f"{net} per sample")
+
+
+@pytest.mark.parametrize("lik_name", ["gaussian", "bernoulli"])
+@pytest.mark.parametrize("method,kw", [("approx", {}), ("exact", {}), ("sqrt", {}), ("mixed", {"threshold": 20}),
+                                       ("mixed", {"threshold": 1000})])
+def test_scale_multiplies_the_result(method, kw, lik_name):
+    """scale = N / B goes onto H_out (or the sqrt walk's result). Bugs caught: the factor applied twice, or
+    squared where the walk pushes a square-root factor; the likelihood's own array scaled in place."""
+    model, lik, x, y = make("conv_ae", lik_name)
+    f = model(x)
+    plain = ggn_diagonal(model, lik, x, y, method=method, f=f, **kw)
+    assert_close(ggn_diagonal(model, lik, x, y, method=method, f=f, scale=2.5, **kw), 2.5 * plain, EXACT,
+                 f"{method} {kw} scaled")
+    assert_close(ggn_diagonal(model, lik, x, y, method=method, f=f, **kw), plain, EXACT, f"{method} again, unscaled")
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="scale"):
+            ggn_diagonal(model, lik, x, y, method=method, f=f, scale=bad, **kw)

@@ -136,7 +136,10 @@ def test_state_dict_round_trip_continues_identically(rng):
     np.testing.assert_array_equal(backend.to_numpy(a.H), backend.to_numpy(b.H))
 
 
-def test_nan_in_the_ggn_stops_with_the_step(rng, monkeypatch):
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_non_finite_ggn_stops_with_the_step(bad, rng, monkeypatch):
+    """The batch GGN is checked by its min alone (nan shows there); a +inf is named when the precision's check at
+    the end of the step finds it. Bug caught: an inf GGN reported as a non-finite precision, or not at all."""
     model = tiny_autoencoder()
     trainer = OnlineLaplace(model, N_DATA, alpha=0.1)
     real = online_module.ggn_diagonal
@@ -145,7 +148,9 @@ def test_nan_in_the_ggn_stops_with_the_step(rng, monkeypatch):
     def flaky(*args, **kwargs):
         calls["n"] += 1
         G = real(*args, **kwargs)
-        return G * np.nan if calls["n"] == 4 else G  # call 1 is H_0, calls 2-4 are steps 1-3
+        if calls["n"] == 4:  # call 1 is H_0, calls 2-4 are steps 1-3
+            G[3] = bad
+        return G
 
     monkeypatch.setattr(online_module, "ggn_diagonal", flaky)
     trainer.step(batch(rng), backend.xp().random.default_rng(0))

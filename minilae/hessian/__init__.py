@@ -19,7 +19,9 @@ from __future__ import annotations
 
 from ..backend import array_module
 from ..kfac import KFAC_METHODS
+from ..layers.base import ConstantDiag
 from ..losses import get_likelihood
+from ..validation import positive
 from .approx import approx_diagonal
 from .chain import MemoryBudgetError, check_memory, feature_shapes, forward_once, leaf_layers, resolve_budget, size
 from .cost import DEFAULT_THRESHOLD, METHODS, CostTable, LayerCost, estimate_cost, plan_forms
@@ -83,8 +85,8 @@ def _check_output(what, need_elements, f, budget):
 
 
 def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_sample=False, f=None,
-                 memory_budget=None):
-    """diag(G) with G = sum_b J_b^T H_out(f_b, y_b) J_b: flat (P,), or (B, P) per sample.
+                 memory_budget=None, scale=1.0):
+    """scale diag(G) with G = sum_b J_b^T H_out(f_b, y_b) J_b: flat (P,), or (B, P) per sample.
 
     method: 'approx' (diagonal M), 'exact' (full M), 'mixed' (full M where the feature size is
     <= threshold, default DEFAULT_THRESHOLD = 512), 'sqrt' (exact, through a square-root factor).
@@ -92,25 +94,39 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
     (ValueError) if any layer ran a forward or had its parameters set since - run f = model(x) again.
     memory_budget: bytes (default: 80% of free memory); a step that would exceed it raises
     MemoryBudgetError before allocating.
+    scale: a factor > 0 on the result, e.g. N / B for the data set's GGN from a batch of B of N images. It
+    multiplies H_out, which costs nothing next to the walk (a pass over the P-long result saved).
     """
     if method not in ("approx", "exact", "mixed", "sqrt"):
         raise ValueError(f"unknown method {method!r}; choose 'approx', 'exact', 'mixed' or 'sqrt'")
+    scale = positive(scale, "scale")
     layers, shapes, lik, f = _prepare(model, likelihood, x, f)
     xp = array_module(f)
     budget = resolve_budget(memory_budget, xp)
     B, d = f.shape[0], size(f.shape[1:])
     if method == "approx":
-        return approx_diagonal(layers, shapes, lik.hess_diag(f, y), budget, per_sample)
+        c = lik.hess_diag_value(f, y)
+        m = _scaled(lik.hess_diag(f, y), scale) if c is None else ConstantDiag(c * scale, tuple(f.shape), f)
+        return approx_diagonal(layers, shapes, m, budget, per_sample)
     if method == "mixed":
         form = plan_forms("mixed", [d], threshold)[0][0]
         if form == "diag":
-            return mixed_diagonal(layers, shapes, lik.hess_diag(f, y), threshold, budget, per_sample)
+            return mixed_diagonal(layers, shapes, _scaled(lik.hess_diag(f, y), scale), threshold, budget, per_sample)
         _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
-        return mixed_diagonal(layers, shapes, lik.output_curvature(f, y), threshold, budget, per_sample)
-    if method == "sqrt":
-        return sqrt_diagonal(layers, shapes, lik, f, y, budget, per_sample)
+        return mixed_diagonal(layers, shapes, _scaled(lik.output_curvature(f, y), scale), threshold, budget,
+                              per_sample)
+    if method == "sqrt":  # the factor is built inside: scale the (P,) or (B, P) result, the walk's own array
+        G = sqrt_diagonal(layers, shapes, lik, f, y, budget, per_sample)
+        if scale != 1.0:
+            G *= scale
+        return G
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
-    return exact_diagonal(layers, shapes, lik.output_curvature(f, y), budget, per_sample)
+    return exact_diagonal(layers, shapes, _scaled(lik.output_curvature(f, y), scale), budget, per_sample)
+
+
+def _scaled(H_out, scale):
+    """The likelihood's H_out (or its diagonal) times scale, as a new array (the likelihood may hold on to its own)."""
+    return H_out if scale == 1.0 else H_out * scale
 
 
 def ggn_blocks(model, likelihood, x, y, memory_budget=None, per_sample=False, f=None):
