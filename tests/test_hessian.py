@@ -794,3 +794,23 @@ def test_scale_multiplies_the_result(method, kw, lik_name):
     for bad in (0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="scale"):
             ggn_diagonal(model, lik, x, y, method=method, f=f, scale=bad, **kw)
+
+
+def test_cost_rows_are_remembered_per_layer_and_arguments():
+    """step_cost keeps each row per layer and arguments (the walks ask at every step). Bugs caught: a row of
+    another batch size or dtype handed out from the memo; a user's unhashable layer (an __eq__ without
+    __hash__) refused with a TypeError instead of being costed directly."""
+    class Unhashable(Tanh):
+        def __eq__(self, other):
+            return self is other
+        __hash__ = None
+
+    rng = np.random.default_rng(22)
+    model = Sequential(Linear(3, 4, rng=rng), Unhashable(), Linear(4, 3, rng=rng))
+    rows = {(B, dt): estimate_cost(model, (3,), B, "approx", dtype=dt).rows for B in (4, 8) for dt in ("float32", "float64")}
+    for (B, dt), r in rows.items():
+        scale = B // 4 * (2 if dt == "float64" else 1)
+        assert [row.m_bytes for row in r] == [scale * row.m_bytes for row in rows[(4, "float32")]], (B, dt)
+    x = asarray(rng.random((5, 3)))
+    assert_close(ggn_diagonal(model, Gaussian(), x, x), ggn_diagonal(model, Gaussian(), x, x, memory_budget=1e9),
+                 EXACT, "an unhashable layer in the walk")

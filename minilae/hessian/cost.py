@@ -14,6 +14,7 @@ The walkers in this package call `step_cost` before each step and refuse (Memory
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 from ..backend import get_default_dtype, xp
@@ -106,7 +107,7 @@ def _m_elements(form, k, d, B):
 
 # ---- cost of one step -------------------------------------------------------------------------
 
-@dataclass
+@dataclass(frozen=True)
 class LayerCost:
     """One row of the table: layer l's step with M in form_out at its output and form_in passed back."""
 
@@ -232,9 +233,27 @@ def _sandwich_order(kind):
             "upsample": "B d_out (d_out + d_in)"}.get(kind, "B d_out d_in (d_out + d_in)")
 
 
+_STEP_COSTS = weakref.WeakKeyDictionary()
+"""layer -> {arguments: LayerCost}: a row depends only on the layer's structure and the arguments, and the walks
+ask for it at every step of every call (80-120 us per autoencoder walk, 3% of the MLP AE's approx diagonal)."""
+
+
 def step_cost(layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index=0, block=False, kfac=False):
     """LayerCost of one backward step; form_* are (form, k) pairs, form_in None for the first layer;
-    kfac: the parameters' part is the Kronecker factors instead of a diagonal (or block)."""
+    kfac: the parameters' part is the Kronecker factors instead of a diagonal (or block). Computed once per
+    layer and arguments."""
+    args = (layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index, block, kfac)
+    try:
+        rows = _STEP_COSTS.setdefault(layer, {})
+    except TypeError:  # a user's layer that is not hashable (an __eq__ without __hash__): no memo
+        return _step_cost(*args)
+    key = (tuple(in_shape), tuple(out_shape), batch, form_out, form_in, itemsize, index, block, kfac)
+    if key not in rows:
+        rows[key] = _step_cost(*args)
+    return rows[key]
+
+
+def _step_cost(layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index, block, kfac):
     g = geometry(layer, in_shape, out_shape)
     (fo, ko) = form_out
     m_out = _m_elements(fo, ko, g["d_out"], batch)
