@@ -5,7 +5,8 @@
 summed over the batch (or per sample), aligned with `model.get_params()`. Structures:
   * `ggn_blocks`                       exact block-diagonal (full M, dense per-layer blocks; small nets);
   * `ggn_diagonal(method='exact')`     full M, only the diagonal of each block;
-  * `ggn_diagonal(method='approx')`    only diag(M) travels (E.4.1): one squared backprop;
+  * `ggn_diagonal(method='approx')`    only diag(M) travels (E.4.1): one squared backprop (from a constant
+                                       under a Gaussian, `ConstantDiag`);
   * `ggn_diagonal(method='mixed')`     full M where a feature size <= threshold, diagonal elsewhere;
   * `ggn_diagonal(method='sqrt')`      exact, through M = S S^T where the factor is smaller;
   * `ggn_kfac(method='kfac')`          Kronecker factors A, G per Linear / Conv2d (minilae.kfac);
