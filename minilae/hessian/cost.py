@@ -239,9 +239,9 @@ ask for it at every step of every call (80-120 us per autoencoder walk, 3% of th
 
 
 def step_cost(layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index=0, block=False, kfac=False):
-    """LayerCost of one backward step; form_* are (form, k) pairs, form_in None for the first layer;
-    kfac: the parameters' part is the Kronecker factors instead of a diagonal (or block). Computed once per
-    layer and arguments."""
+    """LayerCost of one backward step; form_* are (form, k) pairs, form_in None where the walk ends (the first
+    parametric layer); kfac: the parameters' part is the Kronecker factors instead of a diagonal (or block).
+    Computed once per layer and arguments."""
     args = (layer, in_shape, out_shape, batch, form_out, form_in, itemsize, index, block, kfac)
     try:
         rows = _STEP_COSTS.setdefault(layer, {})
