@@ -814,3 +814,26 @@ def test_cost_rows_are_remembered_per_layer_and_arguments():
     x = asarray(rng.random((5, 3)))
     assert_close(ggn_diagonal(model, Gaussian(), x, x), ggn_diagonal(model, Gaussian(), x, x, memory_budget=1e9),
                  EXACT, "an unhashable layer in the walk")
+
+
+@pytest.mark.parametrize("method,kw", [("sqrt", {}), ("mixed", {"threshold": 5}), ("mixed", {"threshold": 1})])
+def test_sqrt_and_mixed_under_a_gaussian_start_from_the_constant(method, kw, monkeypatch):
+    """The exact walks' diagonal head takes the constant too: the MLP AE's last Linear forms c W^T W once for
+    the batch (mixed: with M full from its input on, threshold 5, or diagonal, threshold 1). Bugs caught: the
+    constant rules never taken there (the per-image W^T diag(m) W kept), and the results moved by it (against
+    the brute-force diagonal, and the mixed walk from the materialised m)."""
+    from minilae.hessian.chain import feature_shapes
+    from minilae.hessian.mixed import mixed_diagonal
+    model, lik, x, y = make("mlp_ae", "gaussian")
+    f = model(x)
+    layers = leaf_layers(model)
+    if method == "sqrt":
+        want = ggn_reference(model, lik, x, y)
+        f = model(x)  # the brute force ran forwards of its own
+    else:
+        want = mixed_diagonal(layers, feature_shapes(layers, tuple(x.shape[1:])), lik.hess_diag(f, y), kw["threshold"],
+                              resolve_budget(None, xp()))
+    last = next(layer for layer in layers[::-1] if layer.num_params)
+    for name in ("param_diag_from_diag", "backprop_diag", "backprop_from_diag"):
+        monkeypatch.setattr(last, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} on a materialised m"))
+    assert_close(ggn_diagonal(model, lik, x, y, method=method, f=f, **kw), want, EXACT, f"{method} {kw}")

@@ -557,8 +557,9 @@ def test_param_rules_match_dense(param_case, rng):
 def test_constant_rules_match_dense(case, rng):
     """m = c at every entry (a Gaussian likelihood's M_L = I / sigma^2): a layer's constant rules against the dense
     Jacobians. Bugs caught: Linear's weight diagonal summed over the outputs instead of the batch, the bias given
-    c instead of c B, Conv2d's window sums without the padding or taken at stride 1 on a strided layer, its
-    m_in missing the border (the windows that cover a pixel), a reshape that loses the constant."""
+    c instead of c B, Linear's c W^T W as c W W^T, Conv2d's window sums without the padding or taken at stride 1
+    on a strided layer, its m_in missing the border (the windows that cover a pixel), a reshape that loses the
+    constant."""
     layer, x = case
     J, Jp, _, _, _ = curvature_inputs(layer, x, rng)
     B, in_shape = x.shape[0], tuple(x.shape[1:])
@@ -569,6 +570,7 @@ def test_constant_rules_match_dense(case, rng):
         assert m_in.value == m.value
         m_in = m_in.full()
     close(m_in, 0.7 * (J * J).sum(axis=1).reshape((B,) + in_shape), f"{layer!r} (J * J)^T c")
+    close(layer.backprop_from_constant_diag(m), 0.7 * np.einsum("boi,boj->bij", J, J), f"{layer!r} J^T (c I) J")
     if layer.num_params:
         close(layer.param_diag_from_constant(m), 0.7 * (Jp * Jp).sum(axis=(0, 1)), f"{layer!r} summed (J_p * J_p)^T c")
 

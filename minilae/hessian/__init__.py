@@ -106,13 +106,11 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
     budget = resolve_budget(memory_budget, xp)
     B, d = f.shape[0], size(f.shape[1:])
     if method == "approx":
-        c = lik.hess_diag_value(f, y)
-        m = _scaled(lik.hess_diag(f, y), scale) if c is None else ConstantDiag(c * scale, tuple(f.shape), f)
-        return approx_diagonal(layers, shapes, m, budget, per_sample)
+        return approx_diagonal(layers, shapes, _output_diag(lik, f, y, scale), budget, per_sample)
     if method == "mixed":
         form = plan_forms("mixed", [d], threshold)[0][0]
         if form == "diag":
-            return mixed_diagonal(layers, shapes, _scaled(lik.hess_diag(f, y), scale), threshold, budget, per_sample)
+            return mixed_diagonal(layers, shapes, _output_diag(lik, f, y, scale), threshold, budget, per_sample)
         _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
         return mixed_diagonal(layers, shapes, _scaled(lik.output_curvature(f, y), scale), threshold, budget,
                               per_sample)
@@ -123,6 +121,12 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
         return G
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
     return exact_diagonal(layers, shapes, _scaled(lik.output_curvature(f, y), scale), budget, per_sample)
+
+
+def _output_diag(lik, f, y, scale):
+    """scale diag(H_out): a ConstantDiag where the likelihood's diagonal is one value (a Gaussian), else an array."""
+    c = lik.hess_diag_value(f, y)
+    return _scaled(lik.hess_diag(f, y), scale) if c is None else ConstantDiag(c * scale, tuple(f.shape), f)
 
 
 def _scaled(H_out, scale):

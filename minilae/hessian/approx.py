@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import itertools
 
-from ..backend import array_module
-from ..layers.base import ConstantDiag
-from .chain import check_memory, concat_parts, lowest_parametric
+from .chain import backend_of, check_memory, concat_parts, diag_read_off, diag_step, lowest_parametric
 from .cost import step_cost
 
 
@@ -29,7 +27,7 @@ def approx_diagonal(layers, shapes, m, budget, per_sample=False):
     Each step is checked against the memory budget first (the estimate_cost row of that step), as in
     the other walkers: the per-sample diagonals (B, P) and Conv2d's squared im2col can be large.
     """
-    xp = array_module(m.like if isinstance(m, ConstantDiag) else m)
+    xp = backend_of(m)
     parts, B = [], m.shape[0]
     # the batch sums are written into each layer's slice of one flat vector, never concatenated
     ends = list(itertools.accumulate(layer.num_params for layer in layers))
@@ -41,12 +39,10 @@ def approx_diagonal(layers, shapes, m, budget, per_sample=False):
                          m.dtype.itemsize, index=i)
         check_memory(cost.peak_bytes, budget, f"the approximate GGN at layer {i} ({layer!r}), diagonal M, "
                                               f"batch {B},")
-        constant = isinstance(m, ConstantDiag)
         if layer.num_params and per_sample:
-            parts.append(layer.param_diag_from_diag(m.full() if constant else m, per_sample=True))
+            parts.append(diag_read_off(layer, m, per_sample=True))
         elif layer.num_params:
-            read_off = layer.param_diag_from_constant if constant else layer.param_diag_from_diag
-            read_off(m, out=flat[ends[i] - layer.num_params:ends[i]])
+            diag_read_off(layer, m, out=flat[ends[i] - layer.num_params:ends[i]])
         if i > stop:  # the layers below the first parametric one need no curvature
-            m = layer.backprop_constant_diag(m) if constant else layer.backprop_diag(m)
+            m = diag_step(layer, m)
     return flat if not per_sample else concat_parts(parts[::-1], per_sample, m.shape[0], m.dtype, xp)

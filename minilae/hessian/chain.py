@@ -16,6 +16,7 @@ from ..backend import array_module
 from ..layers import Layer, Sequential
 from ..layers.sequential import lowest_parametric  # noqa: F401 - where every walk ends
 from ..layers.base import CHUNK_BYTES  # noqa: F401 - the engine's chunk size, shared with the layers' products
+from ..layers.base import ConstantDiag
 
 BUDGET_FRACTION = 0.8
 """Share of the free memory the default budget allows, leaving room for the rest of the program."""
@@ -32,6 +33,32 @@ def leaf_layers(model) -> list:
     if isinstance(model, Layer):
         return [model]
     raise TypeError(f"model must be a minilae Layer or Sequential, got {type(model).__name__}")
+
+
+# ---- steps with a diagonal M, which may still be the output's constant (a Gaussian's I / sigma^2) ------------
+
+def diag_read_off(layer, m, per_sample=False, out=None):
+    """(J_p * J_p)^T m: the batch sum (P,), into out if given, or (B, P) per sample; a ConstantDiag by the
+    layer's constant rule (per sample through the materialised m)."""
+    if not isinstance(m, ConstantDiag):
+        return layer.param_diag_from_diag(m, per_sample, out=out)
+    return layer.param_diag_from_diag(m.full(), per_sample=True) if per_sample else \
+        layer.param_diag_from_constant(m, out=out)
+
+
+def diag_step(layer, m):
+    """m_in = (J_in * J_in)^T m; a ConstantDiag by the layer's constant rule (which may keep it constant)."""
+    return layer.backprop_constant_diag(m) if isinstance(m, ConstantDiag) else layer.backprop_diag(m)
+
+
+def full_from_diag_step(layer, m):
+    """M_in = J_in^T diag(m) J_in; a ConstantDiag by the layer's constant rule."""
+    return layer.backprop_from_constant_diag(m) if isinstance(m, ConstantDiag) else layer.backprop_from_diag(m)
+
+
+def backend_of(m):
+    """The array module of m, an array or a ConstantDiag."""
+    return array_module(m.like if isinstance(m, ConstantDiag) else m)
 
 
 def forward_once(model, x, f=None):

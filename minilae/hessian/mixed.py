@@ -9,8 +9,8 @@ so the only approximation is dropping off-diagonal terms where M is held as a di
 """
 from __future__ import annotations
 
-from ..backend import array_module
-from .chain import check_memory, concat_parts, lowest_parametric, size
+from .chain import (backend_of, check_memory, concat_parts, diag_read_off, diag_step, full_from_diag_step,
+                    lowest_parametric, size)
 from .cost import plan_forms, step_cost
 
 STEPS = {("full", "full"): "backprop_full", ("full", "diag"): "diag_of_backprop",
@@ -18,12 +18,20 @@ STEPS = {("full", "full"): "backprop_full", ("full", "diag"): "diag_of_backprop"
 """(form at the layer output, form at its input) -> the layer method that makes the step."""
 
 
+def _step(layer, M, form_out, form_in):
+    """M_{l-1} from M_l by the layer method of STEPS; a diagonal M may still be the output's ConstantDiag."""
+    if form_out == "diag":
+        return diag_step(layer, M) if form_in == "diag" else full_from_diag_step(layer, M)
+    return getattr(layer, STEPS[(form_out, form_in)])(M)
+
+
 def mixed_diagonal(layers, shapes, M, threshold, budget, per_sample=False):
     """Algorithm 1 with M full at features of size <= threshold and diagonal elsewhere.
 
-    M is the output Hessian in the form `plan_forms('mixed', ...)` gives the output feature.
+    M is the output Hessian in the form `plan_forms('mixed', ...)` gives the output feature (a diagonal may be
+    a ConstantDiag).
     """
-    xp = array_module(M)
+    xp = backend_of(M)
     forms = plan_forms("mixed", [size(s) for s in shapes], threshold)
     parts, B, stop = [], M.shape[0], lowest_parametric(layers)
     for i in range(len(layers) - 1, stop - 1, -1):
@@ -33,8 +41,7 @@ def mixed_diagonal(layers, shapes, M, threshold, budget, per_sample=False):
         check_memory(cost.peak_bytes, budget, f"the mixed GGN at layer {i} ({layer!r}, M {cost.form_out} -> "
                                               f"{cost.form_in}), batch {B},")
         if layer.num_params:
-            read_off = layer.param_diag if form == "full" else layer.param_diag_from_diag
-            parts.append(read_off(M, per_sample))
+            parts.append(layer.param_diag(M, per_sample) if form == "full" else diag_read_off(layer, M, per_sample))
         if i > stop:
-            M = getattr(layer, STEPS[(form, forms[i][0])])(M)
+            M = _step(layer, M, form, forms[i][0])
     return concat_parts(parts[::-1], per_sample, B, M.dtype, xp)

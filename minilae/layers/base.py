@@ -282,6 +282,11 @@ class Layer:
         R = self.input_rows(m.dtype)
         return R.transpose(0, 2, 1) @ (m.reshape(m.shape[0], -1, 1) * R)
 
+    def backprop_from_constant_diag(self, m):
+        """M_in = J_in^T diag(m) J_in for m = c at every entry (a ConstantDiag): (B, d_in, d_in). By default
+        through the materialised m."""
+        return self.backprop_from_diag(m.full())
+
     # ---- curvature rules: the parameters' part, read off M --------------------------------------
     def param_block(self, M, per_sample=False):
         """H_theta = J_p^T M J_p: summed over the batch (P, P) or per sample (B, P, P)."""
