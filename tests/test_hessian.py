@@ -816,24 +816,27 @@ def test_cost_rows_are_remembered_per_layer_and_arguments():
                  EXACT, "an unhashable layer in the walk")
 
 
-@pytest.mark.parametrize("method,kw", [("sqrt", {}), ("mixed", {"threshold": 5}), ("mixed", {"threshold": 1})])
-def test_sqrt_and_mixed_under_a_gaussian_start_from_the_constant(method, kw, monkeypatch):
+@pytest.mark.parametrize("method,kw", [("exact", {}), ("sqrt", {}), ("mixed", {"threshold": 5}),
+                                       ("mixed", {"threshold": 1})])
+def test_exact_sqrt_and_mixed_under_a_gaussian_start_from_the_constant(method, kw, monkeypatch):
     """The exact walks' diagonal head takes the constant too: the MLP AE's last Linear forms c W^T W once for
-    the batch (mixed: with M full from its input on, threshold 5, or diagonal, threshold 1). Bugs caught: the
-    constant rules never taken there (the per-image W^T diag(m) W kept), and the results moved by it (against
-    the brute-force diagonal, and the mixed walk from the materialised m)."""
+    the batch, and 'exact' never forms the (B, d, d) M_L (mixed: with M full from that Linear's input on,
+    threshold 5, or diagonal, threshold 1). Bugs caught: the constant rules never taken there (the per-image
+    W^T diag(m) W kept, or the full M_L pushed), and the results moved by it (against the brute-force
+    diagonal, and the mixed walk from the materialised m)."""
     from minilae.hessian.chain import feature_shapes
     from minilae.hessian.mixed import mixed_diagonal
     model, lik, x, y = make("mlp_ae", "gaussian")
     f = model(x)
     layers = leaf_layers(model)
-    if method == "sqrt":
+    if method in ("exact", "sqrt"):
         want = ggn_reference(model, lik, x, y)
         f = model(x)  # the brute force ran forwards of its own
     else:
         want = mixed_diagonal(layers, feature_shapes(layers, tuple(x.shape[1:])), lik.hess_diag(f, y), kw["threshold"],
                               resolve_budget(None, xp()))
     last = next(layer for layer in layers[::-1] if layer.num_params)
-    for name in ("param_diag_from_diag", "backprop_diag", "backprop_from_diag"):
+    for name in ("param_diag_from_diag", "backprop_diag", "backprop_from_diag", "backprop_full", "param_diag"):
         monkeypatch.setattr(last, name, lambda *a, _name=name, **k: pytest.fail(f"{_name} on a materialised m"))
+    monkeypatch.setattr(lik, "output_curvature", lambda *a, **k: pytest.fail("the full M_L formed"))
     assert_close(ggn_diagonal(model, lik, x, y, method=method, f=f, **kw), want, EXACT, f"{method} {kw}")

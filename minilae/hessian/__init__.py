@@ -119,6 +119,9 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
         if scale != 1.0:
             G *= scale
         return G
+    c = lik.hess_diag_value(f, y)
+    if c is not None:  # M_L = c I: diagonal down to the first layer that mixes, no (B, d, d) output matrix
+        return exact_diagonal(layers, shapes, ConstantDiag(c * scale, tuple(f.shape), f), budget, per_sample)
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
     return exact_diagonal(layers, shapes, _scaled(lik.output_curvature(f, y), scale), budget, per_sample)
 

@@ -61,6 +61,38 @@ def backend_of(m):
     return array_module(m.like if isinstance(m, ConstantDiag) else m)
 
 
+def diagonal_head(layers, shapes, m, per_sample, check_step, factor=True):
+    """The top of an exact walk while M = diag(m) exactly: a layer with one input per output keeps M diagonal,
+    m_in = (J_in * J_in)^T m; the first layer without that structure gets M_in = J_in^T diag(m) J_in, or (with
+    `factor`) its factor diag(sqrt(m)) J_in when d_out < d_in (M_in would be larger). Parameters are read off
+    diag(m) exactly. check_step(i) refuses layer i's step before it runs (the caller's plan).
+    m may be a ConstantDiag (a Gaussian's I / sigma^2): then the MLP AE's last Linear forms c W^T W once for
+    the batch instead of W^T diag(m_b) W per image (60% of its 'sqrt' diagonal at batch 16), and the full-M
+    walk never holds the (B, 784, 784) M_L.
+
+    Returns (parts, i, M, form): the parameter diagonals from the top, the feature x_i that M belongs to, M
+    there and its form (('full', None): (B, d, d); ('sqrt', k): a factor (B, k, *shape)). Why: a Gaussian's
+    H_out = I pushed as a factor costs d_out GEMM columns per sample at the last Linear, 40 of the MLP AE's
+    80 GFLOP at batch 64; from diag(m) that layer's M_in = W^T diag(m) W costs 26."""
+    parts, B, stop = [], m.shape[0], lowest_parametric(layers)
+    for i in range(len(layers) - 1, stop - 1, -1):
+        layer = layers[i]
+        check_step(i)
+        if layer.num_params:
+            parts.append(diag_read_off(layer, m, per_sample))
+        if i == stop:
+            return parts, stop, None, ("full", None)
+        if not layer.one_input_per_output:
+            d_out, d_in = size(shapes[i + 1]), size(shapes[i])
+            if factor and d_out < d_in:  # the factor (d_out columns) is smaller than M_in (d_in^2)
+                m = m.full() if isinstance(m, ConstantDiag) else m
+                sqrt_m = array_module(m).sqrt(m).reshape(B, d_out, 1)
+                V = (sqrt_m * layer.input_rows(m.dtype)).reshape((B, d_out) + tuple(shapes[i]))
+                return parts, i, V, ("sqrt", d_out)
+            return parts, i, full_from_diag_step(layer, m), ("full", None)
+        m = diag_step(layer, m)
+
+
 def forward_once(model, x, f=None):
     """f = model(x), or the given f, checked to be the output of the model's last forward on x.
 

@@ -11,20 +11,27 @@ the layers near the bottleneck, see `mixed`). Two things are read off M at a par
 """
 from __future__ import annotations
 
-from ..backend import array_module
-from .chain import check_memory, concat_parts, lowest_parametric
+from ..layers.base import ConstantDiag
+from .chain import backend_of, check_memory, concat_parts, diagonal_head, lowest_parametric
 from .cost import step_cost
 
 
-def _walk(layers, shapes, M, budget, read_off, block):
-    """Algorithm 1 with full M: read each parametric layer's part off M_l, then M_{l-1} = J_in^T M_l J_in."""
+def _check_step(layers, shapes, i, B, itemsize, budget, block):
+    """Refuse layer i's step with full M (MemoryBudgetError) when its estimate_cost row exceeds the budget."""
+    stop = lowest_parametric(layers)
+    cost = step_cost(layers[i], shapes[i], shapes[i + 1], B, ("full", None), ("full", None) if i > stop else None,
+                     itemsize, index=i, block=block)
+    check_memory(cost.peak_bytes, budget, f"the exact GGN at layer {i} ({layers[i]!r}), full M of "
+                                          f"{cost.d_out} x {cost.d_out} per sample, batch {B},")
+
+
+def _walk(layers, shapes, M, budget, read_off, block, top=None):
+    """Algorithm 1 with full M: read each parametric layer's part off M_l, then M_{l-1} = J_in^T M_l J_in;
+    M belongs to the input of layer `top` (default: the output), so the walk starts at layer top - 1."""
     parts, B, stop = [], M.shape[0], lowest_parametric(layers)
-    for i in range(len(layers) - 1, stop - 1, -1):
+    for i in range((len(layers) if top is None else top) - 1, stop - 1, -1):
         layer = layers[i]
-        cost = step_cost(layer, shapes[i], shapes[i + 1], B, ("full", None), ("full", None) if i > stop else None,
-                         M.dtype.itemsize, index=i, block=block)
-        check_memory(cost.peak_bytes, budget, f"the exact GGN at layer {i} ({layer!r}), full M of "
-                                              f"{cost.d_out} x {cost.d_out} per sample, batch {B},")
+        _check_step(layers, shapes, i, B, M.dtype.itemsize, budget, block)
         if layer.num_params:
             parts.append(read_off(layer, M))
         if i > stop:
@@ -33,10 +40,19 @@ def _walk(layers, shapes, M, budget, read_off, block):
 
 
 def exact_diagonal(layers, shapes, M, budget, per_sample=False):
-    """Exact diagonal of the GGN: full M propagated, only the diagonal of each block computed."""
-    xp = array_module(M)
-    parts = _walk(layers, shapes, M, budget, lambda layer, M_l: layer.param_diag(M_l, per_sample), block=False)
-    return concat_parts(parts, per_sample, M.shape[0], M.dtype, xp)
+    """Exact diagonal of the GGN: full M propagated, only the diagonal of each block computed. M may be a
+    ConstantDiag (M_L = c I): it stays diagonal down to the first layer that mixes its inputs (`diagonal_head`),
+    where the full M starts."""
+    B, dtype = M.shape[0], M.dtype
+    xp = backend_of(M)
+    head, top = [], None
+    if isinstance(M, ConstantDiag):
+        head, top, M, _ = diagonal_head(layers, shapes, M, per_sample,
+                                        lambda i: _check_step(layers, shapes, i, B, dtype.itemsize, budget, False),
+                                        factor=False)
+    parts = [] if M is None else _walk(layers, shapes, M, budget, lambda layer, M_l: layer.param_diag(M_l, per_sample),
+                                       block=False, top=top)
+    return concat_parts(parts + head[::-1], per_sample, B, dtype, xp)
 
 
 def exact_blocks(layers, shapes, M, budget, per_sample=False):

@@ -14,8 +14,7 @@ from __future__ import annotations
 
 from ..backend import array_module
 from ..layers.base import ConstantDiag
-from .chain import (check_memory, concat_parts, diag_read_off, diag_step, full_from_diag_step, lowest_parametric,
-                    size)
+from .chain import check_memory, concat_parts, diagonal_head, lowest_parametric, size
 from .cost import plan_forms, sqrt_forms_below, step_cost
 
 
@@ -31,36 +30,6 @@ def full_of(V):
     """M = V^T V for V (B, k, *shape): (B, d, d)."""
     Vf = V.reshape(V.shape[0], V.shape[1], -1)
     return Vf.transpose(0, 2, 1) @ Vf
-
-
-def _diagonal_head(layers, shapes, m, budget, per_sample, planned):
-    """The top of the walk while M = diag(m) exactly: a layer with one input per output keeps M diagonal,
-    m_in = (J_in * J_in)^T m; the first layer without that structure gets M_in = J_in^T diag(m) J_in, or its
-    factor diag(sqrt(m)) J_in when d_out < d_in (M_in would be larger). Parameters are read off diag(m) exactly.
-    m may be a ConstantDiag (a Gaussian's I / sigma^2): then the MLP AE's last Linear forms c W^T W once for
-    the batch instead of W^T diag(m_b) W per image (60% of its exact diagonal at batch 16).
-
-    Returns (parts, i, M, form): the parameter diagonals from the top, the feature x_i that M belongs to, M
-    there and its form (('full', None): (B, d, d); ('sqrt', k): a factor (B, k, *shape)). Why: a Gaussian's
-    H_out = I pushed as a factor costs d_out GEMM columns per sample at the last Linear, 40 of the MLP AE's
-    80 GFLOP at batch 64; from diag(m) that layer's M_in = W^T diag(m) W costs 26."""
-    parts, B, stop = [], m.shape[0], lowest_parametric(layers)
-    for i in range(len(layers) - 1, stop - 1, -1):
-        layer = layers[i]
-        _check_step(layers, shapes, planned, i, B, m.dtype.itemsize, budget)
-        if layer.num_params:
-            parts.append(diag_read_off(layer, m, per_sample))
-        if i == stop:
-            return parts, stop, None, ("full", None)
-        if not layer.one_input_per_output:
-            d_out, d_in = size(shapes[i + 1]), size(shapes[i])
-            if d_out < d_in:  # the factor (d_out columns) is smaller than M_in (d_in^2)
-                m = m.full() if isinstance(m, ConstantDiag) else m
-                sqrt_m = array_module(m).sqrt(m).reshape(B, d_out, 1)
-                V = (sqrt_m * layer.input_rows(m.dtype)).reshape((B, d_out) + tuple(shapes[i]))
-                return parts, i, V, ("sqrt", d_out)
-            return parts, i, full_from_diag_step(layer, m), ("full", None)
-        m = diag_step(layer, m)
 
 
 def _check_step(layers, shapes, forms, i, B, itemsize, budget):
@@ -87,7 +56,8 @@ def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):
     if likelihood.diagonal_hessian:  # M stays diagonal down to the first mixing layer: no factor of I to push
         c = likelihood.hess_diag_value(f, y)
         m = likelihood.hess_diag(f, y) if c is None else ConstantDiag(c, tuple(f.shape), f)
-        parts, top, M, forms[top] = _diagonal_head(layers, shapes, m, budget, per_sample, planned)
+        parts, top, M, forms[top] = diagonal_head(
+            layers, shapes, m, per_sample, lambda i: _check_step(layers, shapes, planned, i, B, m.dtype.itemsize, budget))
         sqrt_forms_below(forms, sizes, top)
     else:
         parts, top = [], len(layers)
