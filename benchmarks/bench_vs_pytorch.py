@@ -355,8 +355,9 @@ def main(argv=None):
     own = [(n, a, b) for n in args.models for a, b in (("approx diag", "gradient"), ("online step", "AE step"))
            if (n, a) in times and (n, b) in times]
     if own:
-        print("\nminilae's own ratios (targets: approx diag <= 1.0x gradient, online step <= 2x AE step), the ratio of\n"
-              "the medians and the range of the per-round ratios (the two steps timed one after the other):\n")
+        print("\nminilae's own ratios (targets: approx diag <= 1.0x gradient, online step <= 2x AE step), the\n"
+              "ratio of the medians and the range of the per-round ratios (the two steps timed one after the "
+              "other):\n")
         print("| model | ratio | value | range over rounds |")
         print("|---|---|---:|---:|")
         for n, a, b in own:

@@ -807,7 +807,8 @@ def test_cost_rows_are_remembered_per_layer_and_arguments():
 
     rng = np.random.default_rng(22)
     model = Sequential(Linear(3, 4, rng=rng), Unhashable(), Linear(4, 3, rng=rng))
-    rows = {(B, dt): estimate_cost(model, (3,), B, "approx", dtype=dt).rows for B in (4, 8) for dt in ("float32", "float64")}
+    rows = {(B, dt): estimate_cost(model, (3,), B, "approx", dtype=dt).rows
+            for B in (4, 8) for dt in ("float32", "float64")}
     for (B, dt), r in rows.items():
         scale = B // 4 * (2 if dt == "float64" else 1)
         assert [row.m_bytes for row in r] == [scale * row.m_bytes for row in rows[(4, "float32")]], (B, dt)

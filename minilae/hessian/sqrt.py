@@ -56,8 +56,9 @@ def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):
     if likelihood.diagonal_hessian:  # M stays diagonal down to the first mixing layer: no factor of I to push
         c = likelihood.hess_diag_value(f, y)
         m = likelihood.hess_diag(f, y) if c is None else ConstantDiag(c, tuple(f.shape), f)
+        itemsize = m.dtype.itemsize
         parts, top, M, forms[top] = diagonal_head(
-            layers, shapes, m, per_sample, lambda i: _check_step(layers, shapes, planned, i, B, m.dtype.itemsize, budget))
+            layers, shapes, m, per_sample, lambda i: _check_step(layers, shapes, planned, i, B, itemsize, budget))
         sqrt_forms_below(forms, sizes, top)
     else:
         parts, top = [], len(layers)
