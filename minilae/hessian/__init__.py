@@ -20,11 +20,11 @@ from __future__ import annotations
 
 from ..backend import array_module
 from ..kfac import KFAC_METHODS
-from ..layers.base import ConstantDiag
 from ..losses import get_likelihood
 from ..validation import positive
 from .approx import approx_diagonal
-from .chain import MemoryBudgetError, check_memory, feature_shapes, forward_once, leaf_layers, resolve_budget, size
+from .chain import (MemoryBudgetError, check_memory, constant_output, feature_shapes, forward_once, leaf_layers,
+                    resolve_budget, size)
 from .cost import DEFAULT_THRESHOLD, METHODS, CostTable, LayerCost, estimate_cost, plan_forms
 from .exact import exact_blocks, exact_diagonal
 from .kfac import kfac_factors
@@ -119,17 +119,17 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
         if scale != 1.0:
             G *= scale
         return G
-    c = lik.hess_diag_value(f, y)
-    if c is not None:  # M_L = c I: diagonal down to the first layer that mixes, no (B, d, d) output matrix
-        return exact_diagonal(layers, shapes, ConstantDiag(c * scale, tuple(f.shape), f), budget, per_sample)
+    constant = constant_output(lik, f, y, scale)
+    if constant is not None:  # M_L = c I: diagonal down to the first layer that mixes, no (B, d, d) output matrix
+        return exact_diagonal(layers, shapes, constant, budget, per_sample)
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
     return exact_diagonal(layers, shapes, _scaled(lik.output_curvature(f, y), scale), budget, per_sample)
 
 
 def _output_diag(lik, f, y, scale):
     """scale diag(H_out): a ConstantDiag where the likelihood's diagonal is one value (a Gaussian), else an array."""
-    c = lik.hess_diag_value(f, y)
-    return _scaled(lik.hess_diag(f, y), scale) if c is None else ConstantDiag(c * scale, tuple(f.shape), f)
+    constant = constant_output(lik, f, y, scale)
+    return _scaled(lik.hess_diag(f, y), scale) if constant is None else constant
 
 
 def _scaled(H_out, scale):

@@ -56,6 +56,12 @@ def full_from_diag_step(layer, m):
     return layer.backprop_from_constant_diag(m) if isinstance(m, ConstantDiag) else layer.backprop_from_diag(m)
 
 
+def constant_output(likelihood, f, y, scale=1.0):
+    """scale diag(H_out) as a ConstantDiag where the likelihood's diagonal is one value (a Gaussian), else None."""
+    c = likelihood.hess_diag_value(f, y)
+    return None if c is None else ConstantDiag(c * scale, tuple(f.shape), f)
+
+
 def backend_of(m):
     """The array module of m, an array or a ConstantDiag."""
     return array_module(m.like if isinstance(m, ConstantDiag) else m)

@@ -16,9 +16,9 @@ from .chain import backend_of, check_memory, concat_parts, diagonal_head, lowest
 from .cost import step_cost
 
 
-def _check_step(layers, shapes, i, B, itemsize, budget, block):
-    """Refuse layer i's step with full M (MemoryBudgetError) when its estimate_cost row exceeds the budget."""
-    stop = lowest_parametric(layers)
+def _check_step(layers, shapes, i, B, itemsize, budget, block, stop):
+    """Refuse layer i's step with full M (MemoryBudgetError) when its estimate_cost row exceeds the budget (stop:
+    where the walk ends, `lowest_parametric`)."""
     cost = step_cost(layers[i], shapes[i], shapes[i + 1], B, ("full", None), ("full", None) if i > stop else None,
                      itemsize, index=i, block=block)
     check_memory(cost.peak_bytes, budget, f"the exact GGN at layer {i} ({layers[i]!r}), full M of "
@@ -31,7 +31,7 @@ def _walk(layers, shapes, M, budget, read_off, block, top=None):
     parts, B, stop = [], M.shape[0], lowest_parametric(layers)
     for i in range((len(layers) if top is None else top) - 1, stop - 1, -1):
         layer = layers[i]
-        _check_step(layers, shapes, i, B, M.dtype.itemsize, budget, block)
+        _check_step(layers, shapes, i, B, M.dtype.itemsize, budget, block, stop)
         if layer.num_params:
             parts.append(read_off(layer, M))
         if i > stop:
@@ -43,13 +43,13 @@ def exact_diagonal(layers, shapes, M, budget, per_sample=False):
     """Exact diagonal of the GGN: full M propagated, only the diagonal of each block computed. M may be a
     ConstantDiag (M_L = c I): it stays diagonal down to the first layer that mixes its inputs (`diagonal_head`),
     where the full M starts."""
-    B, dtype = M.shape[0], M.dtype
+    B, dtype, stop = M.shape[0], M.dtype, lowest_parametric(layers)
     xp = backend_of(M)
     head, top = [], None
     if isinstance(M, ConstantDiag):
-        head, top, M, _ = diagonal_head(layers, shapes, M, per_sample,
-                                        lambda i: _check_step(layers, shapes, i, B, dtype.itemsize, budget, False),
-                                        factor=False)
+        def check(i):
+            _check_step(layers, shapes, i, B, dtype.itemsize, budget, False, stop)
+        head, top, M, _ = diagonal_head(layers, shapes, M, per_sample, check, factor=False)
     parts = [] if M is None else _walk(layers, shapes, M, budget, lambda layer, M_l: layer.param_diag(M_l, per_sample),
                                        block=False, top=top)
     return concat_parts(parts + head[::-1], per_sample, B, dtype, xp)

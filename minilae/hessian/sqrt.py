@@ -13,8 +13,7 @@ Through an autoencoder this means the encoder sees a factor with k = latent size
 from __future__ import annotations
 
 from ..backend import array_module
-from ..layers.base import ConstantDiag
-from .chain import check_memory, concat_parts, diagonal_head, lowest_parametric, size
+from .chain import check_memory, concat_parts, constant_output, diagonal_head, lowest_parametric, size
 from .cost import plan_forms, sqrt_forms_below, step_cost
 
 
@@ -32,10 +31,10 @@ def full_of(V):
     return Vf.transpose(0, 2, 1) @ Vf
 
 
-def _check_step(layers, shapes, forms, i, B, itemsize, budget):
-    """Refuse layer i's step (MemoryBudgetError) when its row of the plan exceeds the budget."""
-    below = i > lowest_parametric(layers)
-    cost = step_cost(layers[i], shapes[i], shapes[i + 1], B, forms[i + 1], forms[i] if below else None, itemsize,
+def _check_step(layers, shapes, forms, i, B, itemsize, budget, stop):
+    """Refuse layer i's step (MemoryBudgetError) when its row of the plan exceeds the budget (stop: where the
+    walk ends, `lowest_parametric`)."""
+    cost = step_cost(layers[i], shapes[i], shapes[i + 1], B, forms[i + 1], forms[i] if i > stop else None, itemsize,
                      index=i)
     check_memory(cost.peak_bytes, budget, f"the square-root GGN at layer {i} ({layers[i]!r}, M {cost.form_out} "
                                           f"-> {cost.form_in}), batch {B},")
@@ -52,13 +51,14 @@ def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):
     sizes = [size(s) for s in shapes]
     forms = plan_forms("sqrt", sizes, k_out=d)
     planned = list(forms)  # the memory checks follow estimate_cost's plan, so estimate and refusal agree
+    stop = lowest_parametric(layers)
     check_memory(B * d * d * f.dtype.itemsize, budget, f"the output Hessian ({d} x {d} per sample, batch {B})")
     if likelihood.diagonal_hessian:  # M stays diagonal down to the first mixing layer: no factor of I to push
-        c = likelihood.hess_diag_value(f, y)
-        m = likelihood.hess_diag(f, y) if c is None else ConstantDiag(c, tuple(f.shape), f)
-        itemsize = m.dtype.itemsize
+        m = constant_output(likelihood, f, y)
+        m = likelihood.hess_diag(f, y) if m is None else m
         parts, top, M, forms[top] = diagonal_head(
-            layers, shapes, m, per_sample, lambda i: _check_step(layers, shapes, planned, i, B, itemsize, budget))
+            layers, shapes, m, per_sample,
+            lambda i: _check_step(layers, shapes, planned, i, B, m.dtype.itemsize, budget, stop))
         sqrt_forms_below(forms, sizes, top)
     else:
         parts, top = [], len(layers)
@@ -71,10 +71,9 @@ def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):
                 forms = plan_forms("sqrt", sizes, k_out=S.shape[2])
                 planned = list(forms)
                 M = full_of(M) if forms[-1][0] == "full" else M
-    stop = lowest_parametric(layers)
     for i in range(top - 1, stop - 1, -1):
         layer, (form, _) = layers[i], forms[i + 1]
-        _check_step(layers, shapes, planned, i, B, M.dtype.itemsize, budget)
+        _check_step(layers, shapes, planned, i, B, M.dtype.itemsize, budget, stop)
         if layer.num_params:
             read_off = layer.param_diag if form == "full" else layer.param_diag_from_sqrt
             parts.append(read_off(M, per_sample))

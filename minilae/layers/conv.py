@@ -165,11 +165,11 @@ class Conv2d(Layer):
         if len(in_shape) != 3 or in_shape[0] != self.in_channels:
             raise ValueError(f"{self!r} expects NCHW inputs with C={self.in_channels}; "
                              f"got per-sample shape {tuple(in_shape)}")
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        (kh, kw), (ph, pw) = self.kernel_size, self.padding
         H, W = in_shape[1] + 2 * ph, in_shape[2] + 2 * pw
         if H < kh or W < kw:
             raise ValueError(f"{self!r}: padded input {H}x{W} is smaller than the kernel {kh}x{kw}")
-        return (self.out_channels, (H - kh) // sh + 1, (W - kw) // sw + 1)
+        return (self.out_channels,) + _out_hw(in_shape[1:], self.kernel_size, self.stride, self.padding)
 
     # ---- im2col -----------------------------------------------------------------------------
     # The gradient and the approximate diagonal run channel-major on a grid (see _Grid, _im2col_rows), the
