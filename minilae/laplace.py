@@ -37,7 +37,7 @@ from .sampling import standard_normal
 from .validation import all_finite, positive, positive_int
 
 __all__ = ["DiagonalLaplace", "log_marginal_likelihood", "log_marginal_likelihood_grad",
-           "optimize_prior_precision", "in_dtype", "check_rng"]
+           "optimize_prior_precision", "in_dtype", "check_rng", "sample_diagonal"]
 
 def check_mean(mean):
     """mean: the flat parameter vector, a 1-D floating array (TypeError otherwise)."""
@@ -107,6 +107,18 @@ class GaussianPosterior:
         return int(self.mean.shape[0])
 
 
+def sample_diagonal(mean, ggn, prior_precision, n_samples, rng, out=None):
+    """theta_k = mean + eps_k / sqrt(ggn + lambda), eps_k ~ N(0, I), shape (n_samples, P), with no checks of the
+    arguments: DiagonalLaplace.sample checks them, the online trainer's step has (its mean and H passed theirs at
+    the end of the step before: two P-long passes saved)."""
+    eps = standard_normal(rng, (n_samples, mean.shape[0]), mean.dtype, out)
+    # in place, with one temporary: P-long passes dominate an online step of a large model
+    root = ggn + prior_precision
+    eps /= array_module(root).sqrt(root, out=root)
+    eps += mean
+    return eps
+
+
 class DiagonalLaplace(GaussianPosterior):
     """q(theta) = N(theta | mean, diag(precision)^-1) with precision = ggn + prior_precision."""
 
@@ -141,14 +153,9 @@ class DiagonalLaplace(GaussianPosterior):
         its CuPy counterpart), so the noise is drawn where the parameters are (:mod:`minilae.sampling`);
         ``out``, an (n_samples, P) array of the mean's dtype, receives the samples (a trainer reuses one).
         """
-        n_samples = positive_int(n_samples, "n_samples")
         check_rng(rng)
-        eps = standard_normal(rng, (n_samples, self.num_params), self.mean.dtype, out)
-        # in place, with one temporary: P-long passes dominate an online step of a large model
-        root = self.precision
-        eps /= array_module(root).sqrt(root, out=root)
-        eps += self.mean
-        return eps
+        return sample_diagonal(self.mean, self.ggn, self.prior_precision, positive_int(n_samples, "n_samples"), rng,
+                               out)
 
     def log_density(self, theta):
         """log q(theta) = -1/2 sum Lambda (theta - mean)^2 + 1/2 sum log Lambda - P/2 log 2 pi.

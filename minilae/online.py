@@ -61,7 +61,7 @@ from __future__ import annotations
 from . import distributed
 from .backend import array_module, asarray
 from .hessian import ggn_diagonal
-from .laplace import DiagonalLaplace, check_rng
+from .laplace import DiagonalLaplace, check_rng, in_dtype, sample_diagonal
 from .losses import Gaussian, get_likelihood
 from .optim import Adam
 from .training import (
@@ -113,15 +113,8 @@ class OnlineLaplace:
 
     def posterior(self):
         """q_t = N(theta_t, (H_t + lambda)^-1) as a DiagonalLaplace of copies: later steps leave it as it is."""
-        return self._q(copy=True)
-
-    def _q(self, copy):
-        """q_t, on copies of theta_t and H_t or on the trainer's own arrays (the step's sampling only)."""
-        xp = array_module(self.theta)
-        H = self.H if self.H is not None else xp.zeros_like(self.theta)
-        if copy:
-            return DiagonalLaplace(self.theta.copy(), H.copy(), self.prior_precision)
-        return DiagonalLaplace(self.theta, H, self.prior_precision)
+        H = self.H.copy() if self.H is not None else array_module(self.theta).zeros_like(self.theta)
+        return DiagonalLaplace(self.theta.copy(), H, self.prior_precision)
 
     def _add_prior_grad(self, grad):
         """grad += (lambda / N) theta_t, the gradient of the prior's share lambda / (2N) ||theta_t||^2 of the
@@ -175,14 +168,15 @@ class OnlineLaplace:
         # theta_s drawn into one array kept across steps: a fresh P-long array costs its page faults every step
         if self._thetas is None or self._thetas.shape != (self.n_samples,) + self.theta.shape:
             self._thetas = array_module(self.theta).empty((self.n_samples,) + self.theta.shape, self.theta.dtype)
-        thetas = self._q(copy=False).sample(self.n_samples, rng, out=self._thetas)
+        thetas = sample_diagonal(self.theta, self.H, in_dtype(self.prior_precision, self.theta), self.n_samples, rng,
+                                 out=self._thetas)
         grad = G = None
         stats = {}
         for theta_s in thetas:
             # finite without a check: theta_t and H_t passed theirs at the end of the last step, so
             # H_t + lambda >= lambda > 0 and theta_s = theta_t + eps / sqrt(H_t + lambda) (an overflow to inf
             # would show in the reconstruction's check below)
-            self.model.set_params(theta_s, check_finite=False)
+            self.model.set_params(theta_s, check_finite=False, share=True)  # views: no P-long copy
             f = self.model.forward(x)
             check_finite("the reconstruction at the sampled weights", f, self.t + 1)
             nll = self.likelihood.nll(f, x)
@@ -193,6 +187,9 @@ class OnlineLaplace:
             G = G_s if G is None else G + G_s
             for k, v in reconstruction_stats(f, x, nll).items():
                 stats[k] = stats.get(k, 0.0) + v / self.n_samples
+        # the model back on theta_t (views, no copy) before the samples' buffer serves as the prior's scratch; the
+        # optimiser's in-place update below then reaches the model, and no cache was taken since this new stamp
+        self.model.set_params(self.theta, check_finite=False, share=True)
         grad = comm.allreduce_sum(grad)
         G = comm.allreduce_sum(G)
         if self.n_samples > 1:
@@ -208,7 +205,6 @@ class OnlineLaplace:
         if not all_finite(self.H):  # name the batch GGN where it brought the inf (batch_ggn caught any nan)
             check_finite("the batch GGN", G, self.t)
             check_finite("the precision", self.H, self.t)
-        self.model.set_params(self.theta, check_finite=False)  # checked just above
         return stats
 
     def snapshot(self):

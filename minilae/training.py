@@ -201,7 +201,7 @@ class MAPTrainer:
         self.optimizer.step(self.theta, grad)
         self.t += 1
         check_finite("the parameters", self.theta, self.t)
-        self.model.set_params(self.theta, check_finite=False)  # checked on the line above
+        self.model.set_params(self.theta, check_finite=False, share=True)  # checked above; views, no P-long copy
 
     def snapshot(self):
         """Copies of what defines the result: theta."""

@@ -86,14 +86,14 @@ class VAE:
         """theta = concat(theta_enc, theta_dec) (a copy)."""
         return xp().concatenate([self.encoder.get_params(), self.decoder.get_params()])
 
-    def set_params(self, theta, check_finite: bool = True):
-        """Write theta into both halves."""
+    def set_params(self, theta, check_finite: bool = True, share: bool = False):
+        """Write theta into both halves (share: views of theta, see Layer.set_params)."""
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"VAE: expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
         n = self.encoder.num_params
-        self.encoder.set_params(theta[:n], check_finite)
-        self.decoder.set_params(theta[n:], check_finite)
+        self.encoder.set_params(theta[:n], check_finite, share)
+        self.decoder.set_params(theta[n:], check_finite, share)
 
     def train(self, mode: bool = True):
         self.training = mode

@@ -661,6 +661,31 @@ def test_flat_params_round_trip_and_order(layer_factory, sizes, rng):
     assert [p.shape for p in parts] == [(2,) + s for s in sizes]
 
 
+def test_shared_params_are_views_that_a_new_call_refreshes(rng):
+    """set_params(share=True): the layers' arrays become views of theta (no copy) and every call starts new caches.
+    Catches a share that copies anyway (the write through theta would not show), and one that leaves the stamp, so
+    the engines would take an f from before the change for the current parameters."""
+    model = small_chain(rng)
+    x = asarray(rng.standard_normal((2, 2, 6, 6)))
+    theta = asarray(rng.standard_normal(model.num_params))
+    model.set_params(theta, share=True)
+    theta[0] = 100.0
+    assert float(model[0].weight.ravel()[0]) == 100.0, "a view of theta"
+    f = model.forward(x)
+    assert model.last_output_is(f)
+    theta *= 0.5
+    model.set_params(theta, check_finite=False, share=True)
+    assert not model.last_output_is(f), "a new call is a new set of parameters"
+    fresh = small_chain(rng)
+    fresh.set_params(theta)
+    assert_close(model.forward(x), fresh.forward(x), 0.0, "the shared parameters compute as copied ones")
+    model.set_params(2 * theta)  # a copy again: never written through into the caller's theta
+    assert_close(model.get_params(), 2 * theta, 0.0, "copied")
+    assert float(theta[0]) == 50.0
+    with pytest.raises(TypeError, match="share=True needs theta in the parameters' dtype"):
+        model.set_params(theta.astype(np.float32), share=True)
+
+
 def test_linear_init_bounds(rng):
     """PyTorch's U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weight and bias."""
     layer = Linear(400, 300, rng=rng)

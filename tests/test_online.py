@@ -173,6 +173,23 @@ def test_exploding_parameters_stop_with_the_step(rng):
     with pytest.raises(TrainingDivergedError, match=r"step \d+"):
         for _ in range(10):
             trainer.step(batch(rng) * 1e3, backend.xp().random.default_rng(0))
+    # the model is left on theta_t, not on the samples' buffer that the step reuses as scratch
+    assert_close(trainer.model.get_params(), trainer.theta, 0.0, "the model's parameters after the error")
+
+
+def test_after_each_step_the_model_holds_theta_t(rng):
+    """The step hands the model its sample and then theta_t as views (no copies). Catches a model left on the
+    samples' buffer, and caches that outlive the step (a forward before it passing for one at theta_t)."""
+    trainer = OnlineLaplace(tiny_autoencoder(), N_DATA, alpha=0.1)
+    gen, x = backend.xp().random.default_rng(0), batch(rng)
+    for _ in range(3):
+        f = trainer.model.forward(x)
+        trainer.step(batch(rng), gen)
+        assert not trainer.model.last_output_is(f)
+        assert_close(trainer.model.get_params(), trainer.theta, 0.0, "the model holds theta_t")
+    fresh = tiny_autoencoder()
+    fresh.set_params(trainer.theta)
+    assert_close(trainer.model.forward(x), fresh.forward(x), 0.0, "and computes with it")
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -86,9 +86,13 @@ class Layer:
             return backend.xp().zeros(0, dtype=get_default_dtype())
         return backend.xp().concatenate([p.ravel() for p in self.params])
 
-    def set_params(self, theta, check_finite: bool = True):
+    def set_params(self, theta, check_finite: bool = True, share: bool = False):
         """Write the flat vector theta into the parameter arrays (copies); check_finite=False for a caller that
-        has just checked theta (a P-long pass each)."""
+        has just checked theta (a P-long pass each).
+
+        share=True makes the arrays views of theta instead, with no copy (a P-long pass saved in a trainer's
+        step): the caller then owns theta, and calls set_params again after changing it, so that the layers'
+        caches see the change."""
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"{label(self)}: expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
@@ -97,12 +101,17 @@ class Layer:
         if array_module(theta) is not backend.xp():
             raise TypeError(f"{label(self)}: theta lives on {array_module(theta).__name__} but the backend is "
                             f"{backend.xp().__name__}; move it with minilae.backend.asarray")
+        if share and self.param_names and theta.dtype != self.params[0].dtype:
+            raise TypeError(f"{label(self)}: share=True needs theta in the parameters' dtype "
+                            f"{self.params[0].dtype}, got {theta.dtype}")
         start = 0
         for name in self.param_names:
             p = getattr(self, name)
             new = theta[start:start + p.size].reshape(p.shape)
+            if share:
+                setattr(self, name, new)
             # (CuPy's arrays have no writeable flag: all of them are)
-            if getattr(p, "base", p) is None and getattr(p.flags, "writeable", True):  # the layer's own: write into it,
+            elif getattr(p, "base", p) is None and getattr(p.flags, "writeable", True):  # the layer's own: write into it,
                 p[...] = new  # as a fresh array would cost its page faults at every step of a trainer
             else:  # a view into another array is replaced, never written through
                 setattr(self, name, new.astype(p.dtype, copy=True))

@@ -75,8 +75,8 @@ class Sequential(Layer):
         parts = [layer.get_params() for layer in self.layers if layer.num_params]
         return backend.xp().concatenate(parts) if parts else backend.xp().zeros(0)
 
-    def set_params(self, theta, check_finite: bool = True):
-        """Write theta into every layer (checked once here, not again per layer)."""
+    def set_params(self, theta, check_finite: bool = True, share: bool = False):
+        """Write theta into every layer (checked once here, not again per layer); share: views, see Layer's."""
         if getattr(theta, "ndim", None) != 1 or theta.shape[0] != self.num_params:
             raise ValueError(f"expected a flat vector of {self.num_params} parameters, "
                              f"got shape {tuple(getattr(theta, 'shape', ()))}")
@@ -84,7 +84,7 @@ class Sequential(Layer):
             raise ValueError("parameter vector contains NaN or inf")
         for layer, sl in zip(self.layers, self.param_slices()):
             if layer.num_params:
-                layer.set_params(theta[sl], check_finite=False)
+                layer.set_params(theta[sl], check_finite=False, share=share)
 
     # ---- shapes and forward -----------------------------------------------------------------
     def out_shape(self, in_shape):
