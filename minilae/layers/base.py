@@ -110,9 +110,10 @@ class Layer:
             new = theta[start:start + p.size].reshape(p.shape)
             if share:
                 setattr(self, name, new)
-            # (CuPy's arrays have no writeable flag: all of them are)
-            elif getattr(p, "base", p) is None and getattr(p.flags, "writeable", True):  # the layer's own: write into it,
-                p[...] = new  # as a fresh array would cost its page faults at every step of a trainer
+            # the layer's own array is written into, as a fresh one would cost its page faults at every step of a
+            # trainer (CuPy's arrays have no writeable flag: all of them are)
+            elif getattr(p, "base", p) is None and getattr(p.flags, "writeable", True):
+                p[...] = new
             else:  # a view into another array is replaced, never written through
                 setattr(self, name, new.astype(p.dtype, copy=True))
             start += p.size
