@@ -4,8 +4,9 @@
 For each model (MLP, conv) and trainer (plain AE; online LAE with the approximate and the exact
 diagonal GGN) the script times minibatch steps on real MNIST batches (B = 64 by default) and
 reports the time per step, the implied time of one epoch of 55000 images, and the ratio to the AE
-of the same model. Configurations are timed in interleaved rounds (AE, LAE approx, LAE exact, AE,
-...), and the median over rounds is kept, so a slow-down of the machine hits all of them alike.
+of the same model, with the range of the ratios within each round. Configurations are timed in
+interleaved rounds (AE, LAE approx, LAE exact, AE, ...), and the median over rounds is kept, so a
+slow-down of the machine hits all of them alike.
 
 Where the engine's 'exact' method would need more memory than its budget (full M per sample at a
 conv layer with 16 x 28 x 28 features), the exact diagonal is timed through 'sqrt', the engine's
@@ -110,21 +111,26 @@ def main(argv=None):
     for key, ts in times.items():
         model_name, kind, hessian = key
         step = statistics.median(ts)
-        ae = statistics.median(times[(model_name, "ae", None)])
+        ae_ts = times[(model_name, "ae", None)]
+        # the ratio within each round as well: the machine's speed drifts between rounds, less within one
+        per_round = [t / a for t, a in zip(ts, ae_ts)]
         rows.append({"model": model_name, "method": kind, "hessian": hessian, "s_per_step": step,
-                     "epoch_s": step * steps_per_epoch, "ratio_to_ae": step / ae, "note": notes.get(key, "")})
+                     "epoch_s": step * steps_per_epoch, "ratio_to_ae": step / statistics.median(ae_ts),
+                     "ratio_range": (min(per_round), max(per_round)), "note": notes.get(key, "")})
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nEpoch time on {args.backend} ({platform.machine()}, {os.cpu_count()} CPUs, load average {load:.1f} "
           f"at the end), MNIST, batch {args.batch_size}, {steps_per_epoch} steps/epoch, median of "
           f"{args.rounds} rounds:\n")
-    print("| model | method | GGN diagonal | s / step | s / epoch (implied) | x plain AE |")
+    print("| model | method | GGN diagonal | s / step | s / epoch (implied) | x plain AE (range over rounds) |")
     print("|---|---|---|---:|---:|---:|")
     for row in rows:
         name = "plain AE" if row["method"] == "ae" else "online LAE"
         ggn = "-" if row["hessian"] is None else row["hessian"] + (" (via sqrt)" if row["note"] else "")
+        low, high = row["ratio_range"]
+        spread = "" if row["method"] == "ae" else f" ({low:.1f}-{high:.1f})"
         print(f"| {row['model']} | {name} | {ggn} | {row['s_per_step']:.4f} | {row['epoch_s']:.1f} | "
-              f"{row['ratio_to_ae']:.1f} |")
+              f"{row['ratio_to_ae']:.1f}{spread} |")
     for row in rows:
         if row["note"]:
             print(f"\nNote ({row['model']}, {row['hessian']}): {row['note']}")
