@@ -39,16 +39,18 @@ SAMPLE = "theta_s from the normals (4 passes)"
 
 
 def pieces(online, ae, x, rng):
-    """name -> (callable, whether only the online step has it); each callable runs the piece once."""
+    """name -> (callable, where): each callable runs its piece once; where is True for a piece of the online step
+    alone, False for one that both steps have, None for a whole step."""
     model, lik, B = online.model, online.likelihood, x.shape[0]
     theta, H = online.theta.copy(), online.H.copy()
-    buf = backend.xp().empty((1,) + theta.shape, theta.dtype)
+    buf = backend.xp().empty((1,) + theta.shape, theta.dtype)  # the trainer's sample buffer
     lam = in_dtype(online.prior_precision, theta)
     state = {"f": model.forward(x)}
     grad = model.vjp_params(lik.grad(state["f"], x) / B)
     G = online.batch_ggn(x, state["f"])
     adam = Adam(lr=1e-3)
-    work = backend.xp().empty_like(theta)
+    xp = backend.xp()
+    work = xp.empty_like(theta)
 
     def forward():
         state["f"] = model.forward(x)
@@ -57,16 +59,16 @@ def pieces(online, ae, x, rng):
         ggn_diagonal(model, lik, x, x, method=online.hessian, f=state["f"], scale=online.n_data / B)
 
     def prior():  # grad += (lambda / N) theta_t, as OnlineLaplace._add_prior_grad
-        backend.xp().multiply(theta, online.prior_precision / online.n_data, out=work)
-        grad.__iadd__(work)
+        xp.multiply(theta, online.prior_precision / online.n_data, out=work)
+        xp.add(grad, work, out=grad)
 
     def precision_update():  # eq. 11 in place, as the step
-        H.__imul__(1 - online.alpha)
-        H.__iadd__(G)
+        xp.multiply(H, 1 - online.alpha, out=H)
+        xp.add(H, G, out=H)
 
     # in this order within a round: backward and walk need the caches of the forward just before them
     return {
-        "AE step (MAPTrainer.step)": (lambda: ae.step(x), False),
+        "AE step (MAPTrainer.step)": (lambda: ae.step(x), None),
         "online step (OnlineLaplace.step)": (lambda: online.step(x, rng), None),
         "forward": (forward, False),
         "backward (gradient)": (lambda: model.vjp_params(lik.grad(state["f"], x) / B), False),
@@ -124,7 +126,7 @@ def main(argv=None):
     print("| piece | in | ms | / AE step |")
     print("|---|---|---:|---:|")
     for name, (_, only) in table.items():
-        where = "both" if only is False else ("online" if only else "-")
+        where = {False: "both", True: "online", None: "-"}[only]
         print(f"| {name} | {where} | {ms[name]:.2f} | {ms[name] / ae_ms:.2f} |")
     print(f"\nthe online-only pieces: {extra:.2f} ms = {extra / ae_ms:.2f} AE steps, so the online step takes about "
           f"{1 + extra / ae_ms:.2f}x the AE step; measured {ms['online step (OnlineLaplace.step)'] / ae_ms:.2f}x")
