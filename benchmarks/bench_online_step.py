@@ -104,7 +104,8 @@ def main(argv=None):
     online = OnlineLaplace(build_model(args.model, (1, 28, 28), latent_size=2, seed=0), N_TRAIN_FILE - N_VAL,
                            hessian=args.hessian, optimizer=Adam(lr=1e-3))
     ae = MAPTrainer(build_model(args.model, (1, 28, 28), latent_size=2, seed=0), Adam(lr=1e-3))
-    online.step(x, rng), ae.step(x)  # warm-up, and H_0
+    online.step(x, rng)  # warm-up, and H_0
+    ae.step(x)
     table = pieces(online, ae, x, rng)
     times = {name: [] for name in table}
     for r in range(args.rounds):
