@@ -6,7 +6,8 @@ finite checks) plus the pieces only it has: the normals of one weight sample, th
 theta_s = theta_t + eps / sqrt(H_t + lambda), the approximate GGN walk, the prior's gradient, the precision
 update and its checks. Each piece is timed on its own, in interleaved rounds with both whole steps (one
 process, real MNIST batches, float32), so that the table shows which pieces hold the ratio of the two steps
-up. The pieces run on copies of the trainers' arrays: the trainers' state moves only through their steps.
+up. The pieces run on copies of the trainers' state (theta, H, the optimiser's moments), which moves only
+through the trainers' steps.
 
     python benchmarks/bench_online_step.py                  # the MLP AE, batch 64
     python benchmarks/bench_online_step.py --model conv --steps 5
@@ -50,17 +51,12 @@ def pieces(online, ae, x, rng):
     G = online.batch_ggn(x, state["f"])
     adam = Adam(lr=1e-3)
     xp = backend.xp()
-    work = xp.empty_like(theta)
 
     def forward():
         state["f"] = model.forward(x)
 
     def walk():  # at the last forward, as the step runs it (f given, N / B on H_out)
         ggn_diagonal(model, lik, x, x, method=online.hessian, f=state["f"], scale=online.n_data / B)
-
-    def prior():  # grad += (lambda / N) theta_t, as OnlineLaplace._add_prior_grad
-        xp.multiply(theta, online.prior_precision / online.n_data, out=work)
-        xp.add(grad, work, out=grad)
 
     def precision_update():  # eq. 11 in place, as the step
         xp.multiply(H, 1 - online.alpha, out=H)
@@ -80,7 +76,7 @@ def pieces(online, ae, x, rng):
         "normals (minilae.sampling)": (lambda: standard_normal(rng, buf.shape, buf.dtype, out=buf), True),
         SAMPLE: (lambda: sample_diagonal(theta, H, lam, 1, rng, out=buf), True),  # less the normals, below
         "G's check (its min)": (lambda: G.min(), True),
-        "prior gradient (2 passes)": (prior, True),
+        "prior gradient (2 passes)": (lambda: online._add_prior_grad(grad), True),  # scratch: the sample buffer
         "precision update (2 passes)": (precision_update, True),
         "precision's finite check": (lambda: all_finite(H), True),
     }

@@ -24,7 +24,7 @@ from ..losses import get_likelihood
 from ..validation import positive
 from .approx import approx_diagonal
 from .chain import (MemoryBudgetError, check_memory, constant_output, feature_shapes, forward_once, leaf_layers,
-                    resolve_budget, size)
+                    output_diagonal, resolve_budget, scaled, size)
 from .cost import DEFAULT_THRESHOLD, METHODS, CostTable, LayerCost, estimate_cost, plan_forms
 from .exact import exact_blocks, exact_diagonal
 from .kfac import kfac_factors
@@ -106,13 +106,13 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
     budget = resolve_budget(memory_budget, xp)
     B, d = f.shape[0], size(f.shape[1:])
     if method == "approx":
-        return approx_diagonal(layers, shapes, _output_diag(lik, f, y, scale), budget, per_sample)
+        return approx_diagonal(layers, shapes, output_diagonal(lik, f, y, scale), budget, per_sample)
     if method == "mixed":
         form = plan_forms("mixed", [d], threshold)[0][0]
         if form == "diag":
-            return mixed_diagonal(layers, shapes, _output_diag(lik, f, y, scale), threshold, budget, per_sample)
+            return mixed_diagonal(layers, shapes, output_diagonal(lik, f, y, scale), threshold, budget, per_sample)
         _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
-        return mixed_diagonal(layers, shapes, _scaled(lik.output_curvature(f, y), scale), threshold, budget,
+        return mixed_diagonal(layers, shapes, scaled(lik.output_curvature(f, y), scale), threshold, budget,
                               per_sample)
     if method == "sqrt":  # the factor is built inside: scale the (P,) or (B, P) result, the walk's own array
         G = sqrt_diagonal(layers, shapes, lik, f, y, budget, per_sample)
@@ -123,18 +123,7 @@ def ggn_diagonal(model, likelihood, x, y, method="approx", threshold=None, per_s
     if constant is not None:  # M_L = c I: diagonal down to the first layer that mixes, no (B, d, d) output matrix
         return exact_diagonal(layers, shapes, constant, budget, per_sample)
     _check_output(f"the output Hessian M_L ({d} x {d} per sample, batch {B})", B * d * d, f, budget)
-    return exact_diagonal(layers, shapes, _scaled(lik.output_curvature(f, y), scale), budget, per_sample)
-
-
-def _output_diag(lik, f, y, scale):
-    """scale diag(H_out): a ConstantDiag where the likelihood's diagonal is one value (a Gaussian), else an array."""
-    constant = constant_output(lik, f, y, scale)
-    return _scaled(lik.hess_diag(f, y), scale) if constant is None else constant
-
-
-def _scaled(H_out, scale):
-    """The likelihood's H_out (or its diagonal) times scale, as a new array (the likelihood may hold on to its own)."""
-    return H_out if scale == 1.0 else H_out * scale
+    return exact_diagonal(layers, shapes, scaled(lik.output_curvature(f, y), scale), budget, per_sample)
 
 
 def ggn_blocks(model, likelihood, x, y, memory_budget=None, per_sample=False, f=None):

@@ -62,6 +62,18 @@ def constant_output(likelihood, f, y, scale=1.0):
     return None if c is None else ConstantDiag(c * scale, tuple(f.shape), f)
 
 
+def output_diagonal(likelihood, f, y, scale=1.0):
+    """scale diag(H_out), where every diagonal walk starts: a ConstantDiag where the likelihood's diagonal is one
+    value (a Gaussian), else an array shaped like f."""
+    constant = constant_output(likelihood, f, y, scale)
+    return scaled(likelihood.hess_diag(f, y), scale) if constant is None else constant
+
+
+def scaled(H_out, scale):
+    """The likelihood's H_out (or its diagonal) times scale, as a new array (the likelihood may hold on to its own)."""
+    return H_out if scale == 1.0 else H_out * scale
+
+
 def backend_of(m):
     """The array module of m, an array or a ConstantDiag."""
     return array_module(m.like if isinstance(m, ConstantDiag) else m)

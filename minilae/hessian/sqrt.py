@@ -13,7 +13,7 @@ Through an autoencoder this means the encoder sees a factor with k = latent size
 from __future__ import annotations
 
 from ..backend import array_module
-from .chain import check_memory, concat_parts, constant_output, diagonal_head, lowest_parametric, size
+from .chain import check_memory, concat_parts, diagonal_head, lowest_parametric, output_diagonal, size
 from .cost import plan_forms, sqrt_forms_below, step_cost
 
 
@@ -54,8 +54,7 @@ def sqrt_diagonal(layers, shapes, likelihood, f, y, budget, per_sample=False):
     stop = lowest_parametric(layers)
     check_memory(B * d * d * f.dtype.itemsize, budget, f"the output Hessian ({d} x {d} per sample, batch {B})")
     if likelihood.diagonal_hessian:  # M stays diagonal down to the first mixing layer: no factor of I to push
-        m = constant_output(likelihood, f, y)
-        m = likelihood.hess_diag(f, y) if m is None else m
+        m = output_diagonal(likelihood, f, y)
         parts, top, M, forms[top] = diagonal_head(
             layers, shapes, m, per_sample,
             lambda i: _check_step(layers, shapes, planned, i, B, m.dtype.itemsize, budget, stop))
